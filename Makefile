@@ -1,0 +1,39 @@
+# `make demo` and `make test` set everything up from a fresh clone (see README).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bissl_det-installed
+# The torch build served on this platform; other machines may pin their own (README, Install).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test lint format demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip" "setuptools<82" wheel
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) tools/run_demo.py
+
+bench: install
+	$(PY) benchmarks/bench_bilevel.py
+
+clean:
+	rm -rf $(VENV) output build *.egg-info
