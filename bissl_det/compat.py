@@ -1,13 +1,14 @@
 """The one place that knows about Detectron2 builds without compiled ops.
 
 PyPI's ``pb1-detectron2==0.6`` (see ``tools/install_detectron2.py``) installs upstream v0.6's Python
-sources without ``detectron2._C``, on a modern numpy and Pillow. Upstream imports ``_C`` at module
-import time in several layers (rotated boxes, deformable conv) and uses aliases that numpy 1.24 and
-Pillow 10 removed. :func:`apply` restores exactly those, and only when ``_C`` is missing: with a full
-Detectron2 build it changes nothing. It runs when :mod:`bissl_det` is imported, before detectron2.
+sources without ``detectron2._C``, on a modern numpy and Pillow. Upstream imports ``_C`` at
+module import time in several layers (rotated boxes, deformable conv) and uses aliases that
+numpy 1.24 and Pillow 10 removed. :func:`apply` restores exactly those, and only when ``_C`` is
+missing: with a full Detectron2 build it changes nothing. It runs when :mod:`bissl_det` is
+imported, before detectron2.
 
-Faster R-CNN itself needs none of the compiled ops (it uses torchvision's ``roi_align`` and ``nms``);
-COCO evaluation then uses the pure-Python pycocotools path (``use_fast_impl=False``).
+Faster R-CNN itself needs none of the compiled ops (it uses torchvision's ``roi_align`` and
+``nms``); COCO evaluation then uses the pure-Python pycocotools path (``use_fast_impl=False``).
 """
 
 from __future__ import annotations
@@ -31,17 +32,32 @@ class MissingCompiledOpError(NotImplementedError, AttributeError):
     """
 
 
+NOT_BUILT = "not built (detectron2 without its C++ extension)"
+
+
 class _MissingOps(types.ModuleType):
-    """Stand-in for ``detectron2._C``: every attribute access names the missing operator."""
+    """Stand-in for ``detectron2._C``: every operator access names the missing operator.
+
+    Only the build-information queries that ``collect_env_info`` makes answer, truthfully.
+    """
+
+    def get_compiler_version(self) -> str:
+        return NOT_BUILT
+
+    def get_cuda_version(self) -> str:
+        return NOT_BUILT
+
+    def has_cuda(self) -> bool:
+        return False
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
         raise MissingCompiledOpError(
-            f"detectron2._C.{name} is a compiled operator, and this detectron2 was installed without "
-            "its C++ extension (the offline PyPI build of pb1-detectron2). Faster R-CNN with upright "
-            "boxes does not need it; for rotated boxes, deformable convolution or the fast COCO "
-            "evaluator install the full build: pip install --no-build-isolation "
+            f"detectron2._C.{name} is a compiled operator, and this detectron2 was installed "
+            "without its C++ extension (the offline PyPI build of pb1-detectron2). Faster R-CNN "
+            "with upright boxes does not need it; for rotated boxes, deformable convolution or "
+            "the fast COCO evaluator install the full build: pip install --no-build-isolation "
             "'git+https://github.com/facebookresearch/detectron2.git'"
         )
 

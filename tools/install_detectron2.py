@@ -5,8 +5,8 @@ Detectron2 is not published on PyPI. Routes, tried in order, the first that work
 1. ``keep``: an importable detectron2 is already installed (full upstream build or an earlier run).
 2. ``github``: the official source build from GitHub (full C++/CUDA ops). Machines without GitHub
    access fail this within seconds (``git ls-remote`` with a short timeout decides).
-3. ``pypi-pb1``: PyPI's ``pb1-detectron2==0.6`` sdist, a copy of upstream v0.6's Python sources whose
-   sdist lacks ``layers/csrc``. It is built with its C++ extension list emptied; the missing
+3. ``pypi-pb1``: PyPI's ``pb1-detectron2==0.6`` sdist, a copy of upstream v0.6's Python sources
+   whose sdist lacks ``layers/csrc``. It is built with its C++ extension list emptied; the missing
    ``detectron2._C`` is then provided by :mod:`bissl_det.compat` (every op raises a clear error).
 
 The route taken is printed as ``detectron2 route: <name>`` so CI logs say which one was used.

@@ -1,0 +1,167 @@
+"""Reading checkpoint files safely and writing Detectron2 backbone checkpoints atomically.
+
+The backbone checkpoint format is the one Detectron2's ``DetectionCheckpointer`` loads with its
+name-matching heuristics (as MoCo's converted checkpoints are)::
+
+    {"model": {detectron2 key: tensor}, "__author__": str, "matching_heuristics": True}
+
+With ``matching_heuristics`` Detectron2 matches ``res5.*`` to ``roi_heads.res5.*`` in R50-C4 and
+``res2.*`` to ``backbone.bottom_up.res2.*`` in FPN models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "UntrustedCheckpointError",
+    "load_checkpoint_file",
+    "save_backbone_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+_RESERVED_KEYS = ("model", "__author__", "matching_heuristics")
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint holds pickled Python objects that ``torch.load(weights_only=True)`` refuses."""
+
+
+def save_backbone_checkpoint(
+    path: str | os.PathLike[str],
+    model_sd: Mapping[str, torch.Tensor],
+    author: str = "bissl_det",
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write a Detectron2 backbone checkpoint, atomically.
+
+    The payload goes to a temporary file in the destination directory, which then replaces
+    ``path`` with :func:`os.replace`: a failed or interrupted write never leaves a partial file,
+    and an existing file at ``path`` survives a failed write unchanged.
+
+    Args:
+        path: Destination ``.pth`` file (parent directories are created). Not ``.pkl``:
+            Detectron2 reads ``.pkl`` files with ``pickle``, not ``torch.load``.
+        model_sd: Detectron2 state dict. Tensors are detached and moved to CPU; floating-point
+            tensors (e.g. fp16/bf16 training weights) are cast to float32, integer buffers
+            (``num_batches_tracked``) keep their dtype.
+        author: Stored as ``__author__`` (Detectron2 logs it; "Caffe2" would trigger Caffe2
+            renaming, so it is refused).
+        extra: Further top-level entries (e.g. provenance strings); must not use the reserved
+            keys ``model``, ``__author__``, ``matching_heuristics``.
+
+    Raises:
+        ValueError: for a ``.pkl`` path, author "Caffe2", a reserved key in ``extra`` or a
+            non-tensor value in ``model_sd``.
+    """
+    path = os.fspath(path)
+    if path.endswith(".pkl"):
+        raise ValueError(
+            f"{path}: a backbone checkpoint is written with torch.save and must not end in .pkl "
+            "(Detectron2 would read it with pickle); use .pth"
+        )
+    if author == "Caffe2":
+        raise ValueError(
+            "author 'Caffe2' makes Detectron2 rename keys as Caffe2 blobs; pick another"
+        )
+    clashes = sorted(set(extra or {}) & set(_RESERVED_KEYS))
+    if clashes:
+        raise ValueError(f"extra entries {clashes} clash with the reserved keys {_RESERVED_KEYS}")
+
+    model: dict[str, torch.Tensor] = {}
+    for key, value in model_sd.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"model entry '{key}' is a {type(value).__name__}, expected a tensor")
+        value = value.detach().to("cpu")
+        model[key] = value.float() if value.is_floating_point() else value
+    payload = {**(extra or {}), "model": model, "__author__": author, "matching_heuristics": True}
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(
+        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave the temporary file behind.
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The part of torch's weights-only error that says what it refused."""
+    text = str(err)
+    start = text.find("WeightsUnpickler error:")
+    if start < 0:
+        return text.splitlines()[0] if text else repr(err)
+    reason = text[start:].split("Check the documentation")[0]
+    return " ".join(reason.split())
+
+
+def load_checkpoint_file(path: str | os.PathLike[str], trust_pickle: bool = False) -> Any:
+    """Load a checkpoint file onto the CPU.
+
+    ``.pth``/``.pt``/``.ckpt``/``.tar`` files are read with ``torch.load(weights_only=True)``,
+    which only rebuilds tensors and plain containers. Files that also pickle Python objects
+    (``argparse.Namespace`` hyper-parameters, OmegaConf configs in Lightning checkpoints) are
+    refused unless ``trust_pickle=True``, which unpickles them fully and can run arbitrary code.
+
+    ``.pkl`` files (Detectron2 model zoo / Caffe2 format: a pickle of NumPy arrays such as
+    ``{"model": {...}, "__author__": ...}``) are read with :mod:`pickle` directly, which can also
+    run arbitrary code: pass only ``.pkl`` files from trusted sources.
+
+    Args:
+        path: The checkpoint file.
+        trust_pickle: Fall back to a full unpickle when the safe load refuses the file.
+
+    Returns:
+        The loaded object (usually a dict).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        UntrustedCheckpointError: if the file holds pickled objects and ``trust_pickle`` is False.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".pkl"):
+        logger.info("Reading %s with pickle (trusted input only: pickle can run code)", path)
+        with open(path, "rb") as f:
+            # latin1: Caffe2/Detectron1 pickles were written by Python 2.
+            return pickle.load(f, encoding="latin1")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Only a refused Python object is a question of trust; anything else is a broken file.
+        if not any(s in str(err) for s in ("Unsupported global", "Unsupported class")):
+            raise ValueError(
+                f"{path} is not a readable torch checkpoint (corrupt or not written by "
+                f"torch.save): {_refusal_reason(err)}"
+            ) from err
+        if not trust_pickle:
+            raise UntrustedCheckpointError(
+                f"{path} holds pickled Python objects besides tensors (e.g. training arguments "
+                "or a config object), so the safe torch.load(weights_only=True) refused it. If "
+                "you trust the file's source, load it with trust_pickle=True (CLI: "
+                f"--trust-pickle); unpickling can execute arbitrary code. {_refusal_reason(err)}"
+            ) from err
+    logger.warning(
+        "Loading %s with torch.load(weights_only=False) because trust_pickle=True: this "
+        "unpickles arbitrary objects and must only be done for trusted files",
+        path,
+    )
+    return torch.load(path, map_location="cpu", weights_only=False)

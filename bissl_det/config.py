@@ -1,0 +1,153 @@
+"""Every BiSSL configuration key, with the BiSSL paper's defaults (see BISSL_REFERENCE.md).
+
+Use ``add_bissl_config(cfg)`` on a ``detectron2.config.get_cfg()`` before merging a YAML file.
+Schedules count optimiser steps: a BiSSL "stage" is LOWER_STEPS lower steps, then UPPER_STEPS
+upper steps.
+"""
+
+from __future__ import annotations
+
+from bissl_det.data.detection import add_dataset_config
+
+from detectron2.config import CfgNode as CN
+
+
+def add_bissl_config(cfg: CN) -> CN:
+    """Add the BiSSL keys to a Detectron2 config in place (and return it)."""
+    _C = cfg
+    add_dataset_config(_C)
+
+    # ---- What the two levels are -------------------------------------------------------------
+    _C.MODEL.BISSL = CN()
+    # Meta-architecture of the upper (downstream) level inside BiSSLDetector.
+    _C.MODEL.BISSL.UPPER_META_ARCHITECTURE = "GeneralizedRCNN"
+    # Lower-level pretext task: "simclr" or "byol".
+    _C.MODEL.BISSL.PRETEXT = "simclr"
+
+    _C.MODEL.SIMCLR = CN()
+    # NT-Xent temperature.
+    _C.MODEL.SIMCLR.TEMPERATURE = 0.5
+    # Projector widths after the backbone's pooled features (2048 for R50): 2048-256-256-256.
+    _C.MODEL.SIMCLR.PROJECTOR_DIMS = [256, 256, 256]
+    # Gather embeddings across processes so negatives (and the loss) are global.
+    _C.MODEL.SIMCLR.GATHER = True
+
+    _C.MODEL.BYOL = CN()
+    # Projector widths after the pooled features, predictor widths after the projector: the
+    # reference's 256-256-256 MLPs.
+    _C.MODEL.BYOL.PROJECTOR_DIMS = [256, 256]
+    _C.MODEL.BYOL.PREDICTOR_DIMS = [256, 256]
+    # EMA momentum of the target network (updated after each lower optimiser step only).
+    _C.MODEL.BYOL.EMA_MOMENTUM = 0.9995
+
+    _C.MODEL.CLASSIFIER = CN()
+    # Classes of the classification upper level (BiSSLClassifier).
+    _C.MODEL.CLASSIFIER.NUM_CLASSES = 10
+    # Multi-label targets (VOC07 classification) use a binary cross-entropy loss.
+    _C.MODEL.CLASSIFIER.MULTI_LABEL = False
+
+    # ---- The bilevel optimisation ----------------------------------------------------------
+    _C.BISSL = CN()
+    # Alternations T; lower steps N_L and upper steps N_U per stage.
+    _C.BISSL.STAGES = 500
+    _C.BISSL.LOWER_STEPS = 20
+    _C.BISSL.UPPER_STEPS = 8
+    # Proximity weight lambda in L_P(theta) + lambda/2 ||theta - phi||^2.
+    _C.BISSL.LAMBDA = 1e-3
+    # Weight of the upper loss on the upper backbone itself: L_D(theta*) + GAMMA * L_D(phi).
+    _C.BISSL.GAMMA = 1.0
+    # Save both levels (and export the lower backbone) every this many stages.
+    _C.BISSL.CHECKPOINT_PERIOD = 50
+    # Write metrics every this many stages.
+    _C.BISSL.LOG_PERIOD = 1
+
+    _C.BISSL.HYPERGRAD = CN()
+    # Linear solver of (I + H / (LAMBDA + DAMPING)) x = g: "cg", "layerwise_cg" or "neumann".
+    _C.BISSL.HYPERGRAD.SOLVER = "cg"
+    # Solver iterations (Hessian-vector products per upper step).
+    _C.BISSL.HYPERGRAD.MAX_ITER = 5
+    # Stop early once ||residual|| <= TOL * ||g|| (0: always MAX_ITER iterations).
+    _C.BISSL.HYPERGRAD.TOL = 0.0
+    # Damping delta added to LAMBDA in the system (0: the exact implicit gradient).
+    _C.BISSL.HYPERGRAD.DAMPING = 10.0
+
+    _C.BISSL.LOWER = CN()
+    # LARS over the lower backbone and pretext head.
+    _C.BISSL.LOWER.BASE_LR = 1.0
+    _C.BISSL.LOWER.MOMENTUM = 0.9
+    _C.BISSL.LOWER.WEIGHT_DECAY = 1e-6
+    # Linear warm-up steps, then cosine to FINAL_LR_FACTOR * BASE_LR over STAGES * LOWER_STEPS.
+    _C.BISSL.LOWER.WARMUP_STEPS = 200
+    _C.BISSL.LOWER.FINAL_LR_FACTOR = 1e-3
+    # Pretext images per step, over all processes.
+    _C.BISSL.LOWER.IMS_PER_BATCH = 1024
+    # Gradient-norm clipping (0 disables).
+    _C.BISSL.LOWER.CLIP_GRAD_NORM = 10.0
+
+    _C.BISSL.UPPER = CN()
+    # SGD over the upper backbone and downstream head (VOC detection, SimCLR: 0.015 / 0).
+    _C.BISSL.UPPER.BASE_LR = 0.015
+    _C.BISSL.UPPER.MOMENTUM = 0.9
+    _C.BISSL.UPPER.WEIGHT_DECAY = 0.0
+    # Cosine over STAGES * UPPER_STEPS down to FINAL_LR_FACTOR * BASE_LR.
+    _C.BISSL.UPPER.FINAL_LR_FACTOR = 0.0
+    # Downstream images per step, over all processes.
+    _C.BISSL.UPPER.IMS_PER_BATCH = 16
+    _C.BISSL.UPPER.CLIP_GRAD_NORM = 10.0
+
+    _C.BISSL.HEAD_WARMUP = CN()
+    # Downstream head training on the frozen backbone before stage 1. ITERS > 0 wins over EPOCHS.
+    _C.BISSL.HEAD_WARMUP.ITERS = 0
+    _C.BISSL.HEAD_WARMUP.EPOCHS = 5.0
+    _C.BISSL.HEAD_WARMUP.BASE_LR = 0.01
+    _C.BISSL.HEAD_WARMUP.MOMENTUM = 0.9
+    _C.BISSL.HEAD_WARMUP.WEIGHT_DECAY = 0.0
+
+    # ---- Pretext data (unlabeled images, two augmented views each) ------------------------------
+    _C.BISSL.PRETEXT_DATA = CN()
+    # Folders searched recursively for images.
+    _C.BISSL.PRETEXT_DATA.IMAGE_ROOTS = []
+    # Registered Detectron2 datasets whose images (not annotations) are added.
+    _C.BISSL.PRETEXT_DATA.DATASETS = []
+    # Skip undecodable images (warned and counted); fail once more than this fraction is bad.
+    _C.BISSL.PRETEXT_DATA.MAX_BAD_FRACTION = 0.01
+    _C.BISSL.PRETEXT_DATA.NUM_WORKERS = 4
+    _C.BISSL.PRETEXT_DATA.AUG = CN()
+    # Square crop size of both views.
+    _C.BISSL.PRETEXT_DATA.AUG.CROP_SIZE = 96
+    # RandomResizedCrop area range (the aspect-ratio range stays 3/4..4/3).
+    _C.BISSL.PRETEXT_DATA.AUG.CROP_SCALE = (0.08, 1.0)
+    _C.BISSL.PRETEXT_DATA.AUG.FLIP_P = 0.5
+    # Colour jitter (brightness, contrast, saturation, hue), applied with JITTER_P.
+    _C.BISSL.PRETEXT_DATA.AUG.JITTER = (0.4, 0.4, 0.2, 0.1)
+    _C.BISSL.PRETEXT_DATA.AUG.JITTER_P = 0.8
+    _C.BISSL.PRETEXT_DATA.AUG.GRAY_P = 0.2
+    # Per-view probabilities (view 1, view 2) of Gaussian blur and solarisation.
+    _C.BISSL.PRETEXT_DATA.AUG.BLUR_P = (1.0, 0.1)
+    _C.BISSL.PRETEXT_DATA.AUG.SOLARIZE_P = (0.0, 0.2)
+
+    # ---- Classification downstream data (BiSSLClassifier, tools/eval_cls.py) -------------------
+    _C.CLS = CN()
+    # "imagefolder" (ROOT/<class>/*.jpg) or "voc07" (multi-label, from a VOC folder).
+    _C.CLS.FORMAT = "imagefolder"
+    _C.CLS.TRAIN_ROOT = ""
+    _C.CLS.TEST_ROOT = ""
+    # Class names; empty: sorted folder names (imagefolder).
+    _C.CLS.CLASSES = []
+    # Square input size of train crops and test center crops.
+    _C.CLS.IMAGE_SIZE = 224
+    _C.CLS.NUM_WORKERS = 4
+
+    # ---- Conventional SSL pretraining (tools/pretrain_ssl.py) ----------------------------------
+    _C.PRETRAIN = CN()
+    # LARS steps; lr warm-up steps then cosine to FINAL_LR_FACTOR * BASE_LR.
+    _C.PRETRAIN.ITERS = 1000
+    _C.PRETRAIN.BASE_LR = 4.8
+    _C.PRETRAIN.MOMENTUM = 0.9
+    _C.PRETRAIN.WEIGHT_DECAY = 1e-6
+    _C.PRETRAIN.WARMUP_STEPS = 100
+    _C.PRETRAIN.FINAL_LR_FACTOR = 1e-3
+    _C.PRETRAIN.IMS_PER_BATCH = 1024
+    _C.PRETRAIN.CLIP_GRAD_NORM = 0.0
+    _C.PRETRAIN.CHECKPOINT_PERIOD = 500
+    return cfg

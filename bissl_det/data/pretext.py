@@ -1,0 +1,303 @@
+"""The pretext data pipeline: unlabeled images, two augmented views, an endless resumable sampler.
+
+Pure torch/torchvision (no detectron2), so it runs the same for pretraining and BiSSL's lower level.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+
+from bissl_det.utils.distributed import rank as _rank
+from bissl_det.utils.distributed import world_size as _world_size
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "InfiniteSampler",
+    "TwoViewAugmentation",
+    "TwoViewTransform",
+    "UnlabeledImages",
+    "find_images",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_INTERPOLATIONS = {
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+}
+
+
+def _check_prob(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"TwoViewAugmentation.{name}: probability must be in [0, 1], got {p}")
+
+
+@dataclass
+class TwoViewAugmentation:
+    """SimCLR/BYOL augmentation settings; pairs are (view 1, view 2).
+
+    Attributes:
+        crop_size: Output side length in pixels.
+        crop_scale: Range of the crop's area as a fraction of the image (RandomResizedCrop scale).
+        crop_ratio: Range of the crop's aspect ratio (kept at the standard 3/4..4/3).
+        flip_p: Horizontal flip probability.
+        jitter: Colour jitter strengths (brightness, contrast, saturation, hue).
+        jitter_p: Probability of applying colour jitter.
+        gray_p: Probability of converting to grayscale.
+        blur_p: Gaussian blur probability per view (kernel 10% of crop_size, sigma 0.1..2).
+        solarize_p: Solarisation probability per view (threshold 128 of 255).
+        mean: Normalisation mean (RGB, 0-1 scale).
+        std: Normalisation std (RGB, 0-1 scale).
+        interpolation: Resize interpolation of the crop, "bilinear" or "bicubic".
+    """
+
+    crop_size: int = 96
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.crop_size <= 0:
+            raise ValueError(f"TwoViewAugmentation.crop_size must be > 0, got {self.crop_size}")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(
+                f"TwoViewAugmentation.crop_scale must satisfy 0 < lo <= hi <= 1, got "
+                f"{self.crop_scale} (it is the area fraction, not the aspect ratio)"
+            )
+        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"TwoViewAugmentation.crop_ratio invalid: {self.crop_ratio}")
+        if len(self.jitter) != 4 or any(j < 0 for j in self.jitter):
+            raise ValueError(f"TwoViewAugmentation.jitter needs 4 values >= 0, got {self.jitter}")
+        for name in ("flip_p", "jitter_p", "gray_p"):
+            _check_prob(name, getattr(self, name))
+        for name in ("blur_p", "solarize_p"):
+            pair = getattr(self, name)
+            if len(pair) != 2:
+                raise ValueError(f"TwoViewAugmentation.{name} needs one value per view, got {pair}")
+            for p in pair:
+                _check_prob(name, p)
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError(f"TwoViewAugmentation mean/std invalid: {self.mean}, {self.std}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"TwoViewAugmentation.interpolation must be one of {sorted(_INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+
+
+def _view_pipeline(aug: TwoViewAugmentation, view: int) -> T.Compose:
+    """torchvision pipeline of one view (0 or 1); PIL RGB image -> normalised tensor."""
+    kernel = max(3, int(0.1 * aug.crop_size) // 2 * 2 + 1)  # odd, about 10% of the crop
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                aug.crop_size,
+                scale=tuple(aug.crop_scale),
+                ratio=tuple(aug.crop_ratio),
+                interpolation=_INTERPOLATIONS[aug.interpolation],
+            ),
+            T.RandomHorizontalFlip(p=aug.flip_p),
+            T.RandomApply([T.ColorJitter(*aug.jitter)], p=aug.jitter_p),
+            T.RandomGrayscale(p=aug.gray_p),
+            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=aug.blur_p[view]),
+            T.RandomSolarize(threshold=128, p=aug.solarize_p[view]),
+            T.ToTensor(),
+            T.Normalize(aug.mean, aug.std),
+        ]
+    )
+
+
+class TwoViewTransform:
+    """PIL image -> (view 1, view 2), each ``(3, crop_size, crop_size)`` float tensors.
+
+    Randomness comes from torch's RNG only (seed it, or the DataLoader worker seed, to reproduce).
+    """
+
+    def __init__(self, aug: TwoViewAugmentation | None = None) -> None:
+        self.aug = aug if aug is not None else TwoViewAugmentation()
+        self.view1 = _view_pipeline(self.aug, 0)
+        self.view2 = _view_pipeline(self.aug, 1)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return self.view1(image), self.view2(image)
+
+    def __repr__(self) -> str:
+        return f"TwoViewTransform(view1={self.view1}, view2={self.view2})"
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """All images under ``root`` (recursive; extensions in IMAGE_EXTENSIONS, any case), sorted.
+
+    Raises:
+        FileNotFoundError: ``root`` is not an existing folder.
+        ValueError: no image was found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    paths = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not paths:
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+# Errors PIL raises for unreadable, truncated or malformed files.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnlabeledImages(Dataset):
+    """Images without labels, decoded as RGB and passed through ``transform``.
+
+    Corrupt-file policy: a file that fails to open or decode is logged once (with its path),
+    remembered, and replaced by the next index (wrapping around), so one bad file never stops a
+    long run. Once more than ``max(1, floor(max_bad_fraction * len(self)))`` distinct files have
+    failed, a RuntimeError names the last bad files: that many failures means a broken dataset,
+    not a stray file. With DataLoader workers each worker holds its own copy, so the limit applies
+    per worker (each worker still sees every failure it hits).
+
+    Args:
+        paths: Image files (e.g. from :func:`find_images`).
+        transform: Applied to the RGB PIL image; None returns the image itself.
+        max_bad_fraction: Tolerated fraction of undecodable files.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        transform: Callable | None = None,
+        max_bad_fraction: float = 0.01,
+    ) -> None:
+        if len(paths) == 0:
+            raise ValueError("UnlabeledImages: empty list of image paths")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(
+                f"UnlabeledImages: max_bad_fraction must be in [0, 1], got {max_bad_fraction}"
+            )
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.max_bad = max(1, int(self.max_bad_fraction * len(self.paths)))
+        self._bad: dict[int, str] = {}  # index -> error message, in order of discovery
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def bad_files(self) -> list[Path]:
+        """Files that failed to decode so far (in this process)."""
+        return [self.paths[i] for i in self._bad]
+
+    @property
+    def num_bad(self) -> int:
+        """Number of distinct files that failed to decode so far (in this process)."""
+        return len(self._bad)
+
+    def _load(self, index: int) -> Image.Image | None:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")  # forces the full decode inside the try
+        except _DECODE_ERRORS as e:
+            self._bad[index] = f"{type(e).__name__}: {e}"
+            logger.warning("skipping unreadable image %s (%s)", path, self._bad[index])
+            if len(self._bad) > self.max_bad:
+                last = ", ".join(str(p) for p in self.bad_files[-5:])
+                raise RuntimeError(
+                    f"UnlabeledImages: {len(self._bad)} of {len(self)} images failed to decode, "
+                    f"more than the {self.max_bad} allowed (max_bad_fraction="
+                    f"{self.max_bad_fraction}); last bad files: {last}"
+                ) from e
+            return None
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            image = self._load(i)
+            if image is not None:
+                return self.transform(image) if self.transform is not None else image
+        raise RuntimeError(f"UnlabeledImages: no decodable image among {n} files")
+
+
+class InfiniteSampler(Sampler[int]):
+    """Endless stream of dataset indices, sharded across processes and resumable.
+
+    The global stream is the concatenation of epochs; epoch ``e`` is a permutation drawn from
+    ``numpy.random.default_rng([seed, e])`` (or ``range(size)`` without shuffling), so it is the
+    same on every process and in every run. Process ``rank`` takes global positions
+    ``rank, rank + world_size, ...``; ranks therefore partition the stream.
+
+    Args:
+        size: Dataset length.
+        seed: Shuffling seed (must be the same on every process).
+        shuffle: Permute each epoch.
+        rank: This process's rank (default: from the process group).
+        world_size: Number of processes (default: from the process group).
+        start: Number of indices THIS rank has already consumed (iterations done x per-process
+            batch size) - iteration continues exactly where a previous run stopped.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start: int = 0,
+    ) -> None:
+        if size <= 0:
+            raise ValueError(f"InfiniteSampler: size must be > 0, got {size}")
+        self.size = int(size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.world_size = _world_size() if world_size is None else int(world_size)
+        self.rank = _rank() if rank is None else int(rank)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"InfiniteSampler: rank {self.rank} not in [0, world_size={self.world_size})"
+            )
+        if start < 0:
+            raise ValueError(f"InfiniteSampler: start must be >= 0, got {start}")
+        self.start = int(start)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The global order of indices in ``epoch`` (same on every process)."""
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[int]:
+        pos = self.start * self.world_size + self.rank  # global position of the next index
+        epoch, order = -1, np.empty(0, dtype=np.int64)
+        while True:
+            e = pos // self.size
+            if e != epoch:
+                epoch, order = e, self.epoch_order(e)
+            yield int(order[pos % self.size])
+            pos += self.world_size

@@ -1,0 +1,391 @@
+"""BilevelTrainer: head warm-up, then BiSSL stages of lower and upper steps.
+
+One trainer iteration is one stage:
+
+* N_L lower steps: pretext loss + lambda/2 ||theta - phi||^2 (phi constant), LARS.
+* One pretext batch is drawn and its first-order graph built once (Hessian-vector products of
+  the pretext loss w.r.t. theta); it serves every solver iteration of the stage's upper steps.
+* N_U upper steps: g = grad_theta L_D(theta, phi_d); x solves (I + H/(lambda+delta)) x = g;
+  phi.grad = x + gamma grad_phi L_D(phi, phi_d); phi_d.grad from both terms; SGD.
+
+No DDP and no SyncBN on the lower level (double backward needs neither): gradients, CG inputs
+and Hessian-vector products are averaged across processes by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from detectron2.engine import TrainerBase, hooks
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from torch import nn
+from torch.func import functional_call
+
+from ..bilevel import HessianVectorProduct, NonFiniteError, implicit_gradient, tuple_norm
+from ..data.build import (
+    build_downstream_train_loader,
+    build_pretext_loader,
+    downstream_train_size,
+)
+from ..evaluation.evaluate import evaluate_downstream
+from ..solver.build import build_lars, build_scheduler
+from ..utils.distributed import all_reduce_grads_, all_reduce_mean
+from .checkpointer import (
+    AtomicCheckpointer,
+    TrainingProgress,
+    export_lower_backbone,
+    load_pretext_checkpoint,
+)
+from .hooks import ExportLowerBackbone, PlotMetrics
+
+logger = logging.getLogger(__name__)
+
+
+def _to_device(batch, device: torch.device):
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def _fill_missing_grads(params: Sequence[torch.Tensor], grads) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+class BilevelTrainer(TrainerBase):
+    """Trains a :class:`~bissl_det.modeling.meta_arch.BiSSL` model; ``iter`` counts stages."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.MODEL.META_ARCHITECTURE != "BiSSL":
+            raise ValueError(
+                f"MODEL.META_ARCHITECTURE = {cfg.MODEL.META_ARCHITECTURE!r}: the BiSSL trainer "
+                "needs 'BiSSL'"
+            )
+        self.cfg = cfg
+        self.model = build_model(cfg)
+        self.device = next(self.model.parameters()).device
+        bissl = cfg.BISSL
+        self.max_iter = bissl.STAGES
+        self.lower_params = [p for p in self.model.lower.parameters() if p.requires_grad]
+        self.upper_params = [p for p in self.model.upper.parameters() if p.requires_grad]
+        self.lower_optimizer = build_lars(
+            self.model.lower, bissl.LOWER.BASE_LR, bissl.LOWER.MOMENTUM, bissl.LOWER.WEIGHT_DECAY
+        )
+        self.upper_optimizer = torch.optim.SGD(
+            self.upper_params,
+            lr=bissl.UPPER.BASE_LR,
+            momentum=bissl.UPPER.MOMENTUM,
+            weight_decay=bissl.UPPER.WEIGHT_DECAY,
+        )
+        self.lower_scheduler = build_scheduler(
+            self.lower_optimizer,
+            bissl.STAGES * bissl.LOWER_STEPS,
+            bissl.LOWER.WARMUP_STEPS,
+            bissl.LOWER.FINAL_LR_FACTOR,
+        )
+        self.upper_scheduler = build_scheduler(
+            self.upper_optimizer, bissl.STAGES * bissl.UPPER_STEPS, 0, bissl.UPPER.FINAL_LR_FACTOR
+        )
+        self.progress = TrainingProgress()
+        self.checkpointer = AtomicCheckpointer(
+            self.model,
+            cfg.OUTPUT_DIR,
+            lower_optimizer=self.lower_optimizer,
+            upper_optimizer=self.upper_optimizer,
+            lower_scheduler=self.lower_scheduler,
+            upper_scheduler=self.upper_scheduler,
+            progress=self.progress,
+        )
+        self._pretext_iter = self._downstream_iter = None
+        self.register_hooks(self.build_hooks())
+
+    # ---- Set-up ------------------------------------------------------------------------------
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Resume from OUTPUT_DIR's last checkpoint, or initialise from MODEL.WEIGHTS."""
+        if resume and self.checkpointer.has_checkpoint():
+            checkpoint = self.checkpointer.resume_or_load("", resume=True)
+            self.start_iter = checkpoint.get("iteration", -1) + 1
+            logger.info("Resuming at stage %d", self.start_iter)
+            return
+        self.start_iter = 0
+        if self.cfg.MODEL.WEIGHTS:
+            load_pretext_checkpoint(self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name)
+        else:
+            logger.warning("MODEL.WEIGHTS is empty: both levels start from random weights")
+            if hasattr(self.model.lower, "update_target"):
+                self.model.lower.update_target(momentum=0.0)
+            self.model.copy_lower_backbone_to_upper()
+
+    @property
+    def pretext_name(self) -> str:
+        return self.cfg.MODEL.BISSL.PRETEXT.lower()
+
+    def build_hooks(self) -> list:
+        cfg = self.cfg
+        period = cfg.BISSL.CHECKPOINT_PERIOD
+        hook_list = [hooks.IterationTimer()]
+        if comm.is_main_process():
+            hook_list.append(
+                hooks.PeriodicCheckpointer(self.checkpointer, period, max_iter=self.max_iter)
+            )
+            hook_list.append(ExportLowerBackbone(cfg.OUTPUT_DIR, self.pretext_name, period))
+        if cfg.TEST.EVAL_PERIOD > 0:
+            hook_list.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate))
+        if comm.is_main_process():
+            hook_list.append(hooks.PeriodicWriter(self.build_writers(), cfg.BISSL.LOG_PERIOD))
+            hook_list.append(PlotMetrics(cfg.OUTPUT_DIR))
+        return hook_list
+
+    def build_writers(self) -> list:
+        out = self.cfg.OUTPUT_DIR
+        writers = [CommonMetricPrinter(self.max_iter), JSONWriter(f"{out}/metrics.json")]
+        with contextlib.suppress(ImportError):  # tensorboard is optional
+            writers.append(TensorboardXWriter(out))
+        return writers
+
+    def evaluate(self) -> dict:
+        return evaluate_downstream(self.cfg, self.model)
+
+    def before_train(self) -> None:
+        seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0
+        self._pretext_iter = iter(
+            build_pretext_loader(
+                self.cfg, self.cfg.BISSL.LOWER.IMS_PER_BATCH, self.progress.pretext_batches, seed
+            )
+        )
+        self._downstream_iter = iter(
+            build_downstream_train_loader(
+                self.cfg,
+                self.cfg.BISSL.UPPER.IMS_PER_BATCH,
+                self.progress.downstream_batches,
+                seed + 1,
+            )
+        )
+        if not self.progress.warmup_done:
+            self.run_head_warmup()
+        super().before_train()
+
+    def train(self) -> None:
+        super().train(self.start_iter, self.max_iter)
+
+    # ---- Data --------------------------------------------------------------------------------
+
+    def next_pretext_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self._pretext_iter)
+        self.progress.pretext_batches += 1
+        return _to_device(batch, self.device)
+
+    def next_downstream_batch(self):
+        batch = next(self._downstream_iter)
+        self.progress.downstream_batches += 1
+        return batch
+
+    # ---- Faults ------------------------------------------------------------------------------
+
+    def check_finite(self, value: torch.Tensor | float, what: str, level: str, step: int) -> None:
+        """Stop with a diagnostic checkpoint on NaN/Inf: never continue on a silent fault."""
+        if math.isfinite(float(value)):
+            return
+        self.fail_nonfinite(f"non-finite {what} ({float(value)})", level, step)
+
+    def fail_nonfinite(self, message: str, level: str, step: int) -> None:
+        name = f"model_nonfinite_stage{self.iter:07d}"
+        self.checkpointer.save(name, iteration=self.iter)
+        raise FloatingPointError(
+            f"{message} at the {level} level, stage {self.iter}, step {step}; diagnostic "
+            f"checkpoint: {self.cfg.OUTPUT_DIR}/{name}.pth"
+        )
+
+    # ---- Head warm-up ------------------------------------------------------------------------
+
+    def warmup_iterations(self) -> int:
+        warm = self.cfg.BISSL.HEAD_WARMUP
+        if warm.ITERS > 0:
+            return warm.ITERS
+        if warm.EPOCHS <= 0:
+            return 0
+        return math.ceil(
+            warm.EPOCHS * downstream_train_size(self.cfg) / self.cfg.BISSL.UPPER.IMS_PER_BATCH
+        )
+
+    def run_head_warmup(self) -> None:
+        """Train phi_d on the frozen upper backbone (weights and BN statistics); constant lr."""
+        iters, warm = self.warmup_iterations(), self.cfg.BISSL.HEAD_WARMUP
+        head = list(self.model.upper_head_parameters())
+        frozen = {id(p) for p in self.model.backbone_pairs.upper}
+        optimizer = torch.optim.SGD(
+            head, lr=warm.BASE_LR, momentum=warm.MOMENTUM, weight_decay=warm.WEIGHT_DECAY
+        )
+        for p in self.model.backbone_pairs.upper:
+            p.requires_grad_(False)
+        self.model.train()
+        for module in self.model.upper.modules():
+            own = list(module.parameters(recurse=False))
+            is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
+            if is_norm and own and all(id(p) in frozen for p in own):
+                module.eval()
+        start = time.perf_counter()
+        try:
+            for it in range(iters):
+                losses = self.model.downstream_losses(self.next_downstream_batch())
+                loss = sum(losses.values())
+                self.check_finite(loss, "head warm-up loss", "upper (warm-up)", it)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                all_reduce_grads_(head)
+                optimizer.step()
+                if comm.is_main_process() and (it % 20 == 0 or it == iters - 1):
+                    elapsed = time.perf_counter() - start
+                    eta = elapsed / (it + 1) * (iters - it - 1)
+                    logger.info(
+                        "head warm-up iter %d/%d  loss %.4f  eta %s",
+                        it + 1,
+                        iters,
+                        loss.item(),
+                        time.strftime("%H:%M:%S", time.gmtime(eta)),
+                    )
+        finally:
+            for p in self.model.backbone_pairs.upper:
+                p.requires_grad_(True)
+            self.model.train()
+        self.progress.warmup_done = True
+        self.checkpointer.save("model_warmup", iteration=self.start_iter - 1)
+
+    # ---- One stage ---------------------------------------------------------------------------
+
+    def run_step(self) -> None:
+        assert self.model.training, "BilevelTrainer: the model was left in eval mode"
+        start = time.perf_counter()
+        bissl = self.cfg.BISSL
+        lower_losses = [self.lower_step(k) for k in range(bissl.LOWER_STEPS)]
+        hvp = self.stage_hessian()
+        try:
+            upper_stats = [self.upper_step(hvp, k) for k in range(bissl.UPPER_STEPS)]
+        finally:
+            hvp.release()
+        pairs = self.model.backbone_pairs
+        with torch.no_grad():
+            distance = tuple_norm(torch._foreach_sub(pairs.lower, pairs.upper)).item()
+        metrics = {
+            "lower_loss": sum(x[0] for x in lower_losses) / len(lower_losses),
+            "lower_pretext_loss": sum(x[1] for x in lower_losses) / len(lower_losses),
+            "theta_phi_distance": distance,
+            "lr_lower": self.lower_optimizer.param_groups[0]["lr"],
+            "lr_upper": self.upper_optimizer.param_groups[0]["lr"],
+            "data_time": 0.0,
+        }
+        for key in upper_stats[0]:
+            metrics[key] = sum(s[key] for s in upper_stats) / len(upper_stats)
+        self.storage.put_scalars(**metrics, smoothing_hint=False)
+        self.storage.put_scalar("stage_time", time.perf_counter() - start, smoothing_hint=False)
+
+    def lower_step(self, step: int) -> tuple[float, float]:
+        """One step on L_P(theta, theta_p) + lambda/2 ||theta - phi||^2. Returns both losses."""
+        lam = self.cfg.BISSL.LAMBDA
+        pretext_loss = self.model.pretext_loss(*self.next_pretext_batch())
+        self.check_finite(pretext_loss, "pretext loss", "lower", step)
+        self.lower_optimizer.zero_grad(set_to_none=True)
+        pretext_loss.backward()
+        all_reduce_grads_(self.lower_params)
+        pairs = self.model.backbone_pairs
+        with torch.no_grad():
+            # The proximity gradient lambda (theta - phi) in closed form; phi is a constant here.
+            diff = torch._foreach_sub(pairs.lower, pairs.upper)
+            proximity = 0.5 * lam * tuple_norm(diff).item() ** 2
+            grads = [p.grad for p in pairs.lower]
+            if any(g is None for g in grads):
+                raise RuntimeError("a lower backbone parameter received no pretext gradient")
+            torch._foreach_add_(grads, diff, alpha=lam)
+        self.clip_and_check(self.lower_params, self.cfg.BISSL.LOWER.CLIP_GRAD_NORM, "lower", step)
+        self.lower_optimizer.step()
+        self.lower_scheduler.step()
+        if hasattr(self.model.lower, "update_target"):
+            self.model.lower.update_target()
+        pretext = pretext_loss.item()
+        return pretext + proximity, pretext
+
+    def stage_hessian(self) -> HessianVectorProduct:
+        """H v of the pretext loss w.r.t. theta on one batch, first-order graph built once.
+
+        BN statistics of the extra forward go to throw-away copies: the products must not move
+        the lower model (nor BYOL's target).
+        """
+        buffers = {name: b.clone() for name, b in self.model.lower.named_buffers()}
+        loss = functional_call(self.model.lower, buffers, self.next_pretext_batch(), strict=False)
+        self.check_finite(loss, "pretext loss (Hessian batch)", "upper", 0)
+        return HessianVectorProduct(loss, self.model.backbone_pairs.lower)
+
+    def upper_step(self, hvp: HessianVectorProduct, step: int) -> dict[str, float]:
+        bissl = self.cfg.BISSL
+        model, pairs = self.model, self.model.backbone_pairs
+        head = model.upper_head_parameters()
+        batch = self.next_downstream_batch()
+
+        # L_D(theta, phi_d): g for the implicit gradient, and phi_d's first gradient term.
+        lower_view = sum(model.downstream_losses(batch, with_lower_backbone=True).values())
+        self.check_finite(lower_view, "downstream loss on theta", "upper", step)
+        grads = torch.autograd.grad(lower_view, (*pairs.lower, *head), allow_unused=True)
+        grads = _fill_missing_grads((*pairs.lower, *head), grads)
+        g, head_grads = all_reduce_mean(grads[: len(pairs.lower)]), grads[len(pairs.lower) :]
+        try:
+            x, info = implicit_gradient(
+                hvp,
+                g,
+                lam=bissl.LAMBDA,
+                damping=bissl.HYPERGRAD.DAMPING,
+                solver=bissl.HYPERGRAD.SOLVER,
+                max_iter=bissl.HYPERGRAD.MAX_ITER,
+                tol=bissl.HYPERGRAD.TOL,
+                all_reduce=all_reduce_mean,
+            )
+        except NonFiniteError as e:
+            self.fail_nonfinite(f"implicit gradient solver: {e}", "upper", step)
+
+        # gamma * L_D(phi, phi_d) on the same batch.
+        self.upper_optimizer.zero_grad(set_to_none=True)
+        upper_losses = model.downstream_losses(batch)
+        upper_loss = sum(upper_losses.values())
+        self.check_finite(upper_loss, "downstream loss on phi", "upper", step)
+        (bissl.GAMMA * upper_loss).backward()
+        with torch.no_grad():
+            for p, extra in zip(head, head_grads, strict=True):
+                p.grad = extra if p.grad is None else p.grad.add_(extra)
+            all_reduce_grads_(self.upper_params)
+            phi_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in pairs.upper]
+            torch._foreach_add_(phi_grads, list(x))
+            for p, grad in zip(pairs.upper, phi_grads, strict=True):
+                p.grad = grad
+        grad_norm = self.clip_and_check(
+            self.upper_params, bissl.UPPER.CLIP_GRAD_NORM, "upper", step
+        )
+        self.upper_optimizer.step()
+        self.upper_scheduler.step()
+        stats = {
+            "upper_loss": upper_loss.item(),
+            "upper_loss_on_theta": lower_view.item(),
+            "cg_residual": info.residual_norm,
+            "cg_iterations": float(info.iterations),
+            "hypergrad_cosine": info.cosine,
+            "hypergrad_norm_ratio": info.norm_ratio,
+            "upper_grad_norm": grad_norm,
+        }
+        stats.update({f"upper/{k}": v.item() for k, v in upper_losses.items()})
+        return stats
+
+    def clip_and_check(self, params, max_norm: float, level: str, step: int) -> float:
+        grads = [p for p in params if p.grad is not None]
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        else:
+            norm = tuple_norm(tuple(p.grad for p in grads))
+        self.check_finite(norm, "gradient norm", level, step)
+        return float(norm)
+
+    def export(self) -> dict:
+        return export_lower_backbone(self.model, self.cfg.OUTPUT_DIR, self.pretext_name)

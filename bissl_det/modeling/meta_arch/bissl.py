@@ -1,0 +1,172 @@
+"""The BiSSL meta-architecture: a lower pretext model and an upper downstream model on one ResNet.
+
+Both levels own a copy of the same Detectron2 ResNet (stem, res2..res5): theta in the lower
+pretext model, phi in the upper model. For an R50-C4 Faster R-CNN the upper copy is split between
+``backbone`` (stem..res4) and ``roi_heads.res5``; for FPN it is ``backbone.bottom_up``; for the
+classifier it is ``backbone``. :class:`BackbonePairs` lines the two copies up by name, so the
+proximity term, the implicit gradient and the export all see the same tensors. Everything else
+(RPN, box head, FPN, extra norms, linear layer; projector, predictor) is a level's own head.
+
+Nothing here knows how the levels alternate: that is :mod:`bissl_det.engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+from torch.func import functional_call
+
+from ..backbone import PooledEncoder, build_resnet_trunk
+from ..pretext import BYOL, SimCLR
+
+
+@dataclass(frozen=True)
+class BackbonePairs:
+    """Backbone tensors of the two levels, aligned: ``lower[i]`` is the copy of ``upper[i]``."""
+
+    names: tuple[str, ...]  # Detectron2 ResNet names, e.g. "res5.0.conv1.weight"
+    upper_names: tuple[str, ...]  # the same tensors' names inside the upper model
+    lower: tuple[torch.Tensor, ...]
+    upper: tuple[torch.Tensor, ...]
+
+
+def pair_by_suffix(
+    lower: dict[str, torch.Tensor], upper: dict[str, torch.Tensor], what: str
+) -> BackbonePairs:
+    """Match every lower tensor ``name`` to the one upper tensor named ``*.name``."""
+    by_suffix: dict[str, list[str]] = {}
+    for upper_name in upper:
+        parts = upper_name.split(".")
+        for start in range(1, len(parts)):
+            by_suffix.setdefault(".".join(parts[start:]), []).append(upper_name)
+    upper_names = []
+    for name, tensor in lower.items():
+        matches = by_suffix.get(name, [])
+        if len(matches) != 1:
+            found = ", ".join(matches) or "none"
+            raise KeyError(f"backbone {what} {name!r}: expected one upper match, found {found}")
+        if upper[matches[0]].shape != tensor.shape:
+            raise ValueError(
+                f"backbone {what} {name!r}: lower shape {tuple(tensor.shape)} != upper "
+                f"{matches[0]!r} shape {tuple(upper[matches[0]].shape)}"
+            )
+        upper_names.append(matches[0])
+    return BackbonePairs(
+        names=tuple(lower),
+        upper_names=tuple(upper_names),
+        lower=tuple(lower.values()),
+        upper=tuple(upper[n] for n in upper_names),
+    )
+
+
+def build_pretext_model(cfg, encoder: PooledEncoder) -> nn.Module:
+    """SimCLR or BYOL on top of ``encoder`` (MODEL.BISSL.PRETEXT)."""
+    name = cfg.MODEL.BISSL.PRETEXT.lower()
+    if name == "simclr":
+        return SimCLR(
+            encoder,
+            feat_dim=encoder.feat_dim,
+            projector_dims=(encoder.feat_dim, *cfg.MODEL.SIMCLR.PROJECTOR_DIMS),
+            temperature=cfg.MODEL.SIMCLR.TEMPERATURE,
+            gather=cfg.MODEL.SIMCLR.GATHER,
+        )
+    if name == "byol":
+        projector = (encoder.feat_dim, *cfg.MODEL.BYOL.PROJECTOR_DIMS)
+        return BYOL(
+            encoder,
+            feat_dim=encoder.feat_dim,
+            projector_dims=projector,
+            predictor_dims=(projector[-1], *cfg.MODEL.BYOL.PREDICTOR_DIMS),
+            ema_momentum=cfg.MODEL.BYOL.EMA_MOMENTUM,
+        )
+    raise ValueError(f"MODEL.BISSL.PRETEXT: unknown pretext task {name!r} (simclr, byol)")
+
+
+@META_ARCH_REGISTRY.register()
+class BiSSL(nn.Module):
+    """A BiSSL model: ``lower`` (pretext task on theta) and ``upper`` (downstream model on phi).
+
+    ``forward`` is the upper model's, so Detectron2's evaluators and ``inference_on_dataset``
+    evaluate the upper level unchanged.
+    """
+
+    @configurable
+    def __init__(self, *, lower: nn.Module, upper: nn.Module):
+        super().__init__()
+        self.lower = lower
+        self.upper = upper
+        params = pair_by_suffix(
+            dict(self.lower_backbone.named_parameters()),
+            dict(upper.named_parameters()),
+            "parameter",
+        )
+        buffers = pair_by_suffix(
+            dict(self.lower_backbone.named_buffers()), dict(upper.named_buffers()), "buffer"
+        )
+        self._params, self._buffers_pairs = params, buffers
+        upper_backbone = {id(t) for t in params.upper}
+        self._upper_head = tuple(p for p in upper.parameters() if id(p) not in upper_backbone)
+
+    @classmethod
+    def from_config(cls, cfg):
+        upper_arch = cfg.MODEL.BISSL.UPPER_META_ARCHITECTURE
+        if upper_arch == "BiSSL":
+            raise ValueError("MODEL.BISSL.UPPER_META_ARCHITECTURE cannot be BiSSL itself")
+        # Plain BN on the lower level: Hessian-vector products need double backward.
+        encoder = PooledEncoder(build_resnet_trunk(cfg, norm="BN"))
+        return {
+            "lower": build_pretext_model(cfg, encoder),
+            "upper": META_ARCH_REGISTRY.get(upper_arch)(cfg),
+        }
+
+    @property
+    def lower_backbone(self) -> nn.Module:
+        """theta: the lower level's Detectron2 ResNet (what BiSSL exports)."""
+        return self.lower.encoder.resnet
+
+    @property
+    def backbone_pairs(self) -> BackbonePairs:
+        """theta and phi parameters, aligned (the proximity term and the implicit gradient)."""
+        return self._params
+
+    def upper_head_parameters(self) -> tuple[nn.Parameter, ...]:
+        """phi_d: every upper parameter that is not a backbone parameter."""
+        return self._upper_head
+
+    def lower_head_parameters(self) -> Iterator[nn.Parameter]:
+        """theta_p: the pretext head (projector, predictor)."""
+        return self.lower.head_parameters()
+
+    @torch.no_grad()
+    def copy_lower_backbone_to_upper(self) -> None:
+        """phi <- theta, parameters and BN statistics (both levels start from the same weights)."""
+        for pairs in (self._params, self._buffers_pairs):
+            torch._foreach_copy_(list(pairs.upper), list(pairs.lower))
+
+    def pretext_loss(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        """L_P(theta, theta_p) on a batch of view pairs."""
+        return self.lower(view1, view2)
+
+    def downstream_losses(self, batch, with_lower_backbone: bool = False) -> dict:
+        """The upper model's loss dict, on phi or (``with_lower_backbone``) on theta.
+
+        With theta, the upper model runs with theta's tensors substituted for phi's; BN statistics
+        go to throw-away copies, so neither level's running statistics see the downstream batch
+        through the other level.
+        """
+        if not with_lower_backbone:
+            return self.upper(batch)
+        substitute = dict(zip(self._params.upper_names, self._params.lower, strict=True))
+        for name, buffer in zip(
+            self._buffers_pairs.upper_names, self._buffers_pairs.lower, strict=True
+        ):
+            substitute[name] = buffer.clone()
+        return functional_call(self.upper, substitute, (batch,), strict=False)
+
+    def forward(self, batched_inputs):
+        return self.upper(batched_inputs)
