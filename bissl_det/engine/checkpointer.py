@@ -102,18 +102,21 @@ def lower_state_without_backbone(lower: torch.nn.Module) -> dict:
     return {k: v for k, v in lower.state_dict().items() if not k.startswith("encoder.")}
 
 
-def export_lower_backbone(model, output_dir: str | os.PathLike, pretext: str) -> dict[str, Path]:
-    """Write theta for fine-tuning: a Detectron2 backbone checkpoint and a torchvision state dict.
+def export_backbone(
+    pretext_model: torch.nn.Module, output_dir: str | os.PathLike, pretext: str, name: str
+) -> dict[str, Path]:
+    """Write a pretext model's ResNet for fine-tuning, in Detectron2 and torchvision layouts.
 
-    ``lower_backbone.pth`` loads as MODEL.WEIGHTS (Detectron2's matching heuristics put res5 into
-    ``roi_heads.res5`` for C4) and carries the pretext head so it can seed another BiSSL run;
-    ``lower_backbone_torchvision.pth`` is a torchvision ResNet state dict (no ``fc``).
+    ``<name>.pth`` loads as MODEL.WEIGHTS (Detectron2's matching heuristics put res5 into
+    ``roi_heads.res5`` for C4) and carries the pretext head so it can seed a BiSSL run;
+    ``<name>_torchvision.pth`` is a torchvision ResNet state dict (no ``fc``).
     """
     output_dir = Path(output_dir)
-    backbone = {k: v.detach().cpu() for k, v in model.lower_backbone.state_dict().items()}
-    d2_path = output_dir / "lower_backbone.pth"
-    tv_path = output_dir / "lower_backbone_torchvision.pth"
-    head = {k: v.detach().cpu() for k, v in lower_state_without_backbone(model.lower).items()}
+    resnet = pretext_model.encoder.resnet
+    backbone = {k: v.detach().cpu() for k, v in resnet.state_dict().items()}
+    d2_path = output_dir / f"{name}.pth"
+    tv_path = output_dir / f"{name}_torchvision.pth"
+    head = {k: v.detach().cpu() for k, v in lower_state_without_backbone(pretext_model).items()}
     save_backbone_checkpoint(d2_path, backbone, extra={"pretext": pretext, "pretext_head": head})
     torchvision_sd, _ = detectron2_to_torchvision(backbone)
     atomic_torch_save(torchvision_sd, tv_path)

@@ -40,7 +40,7 @@ from ..utils.distributed import all_reduce_grads_, all_reduce_mean
 from .checkpointer import (
     AtomicCheckpointer,
     TrainingProgress,
-    export_lower_backbone,
+    export_backbone,
     load_pretext_checkpoint,
 )
 from .hooks import ExportLowerBackbone, PlotMetrics
@@ -59,15 +59,16 @@ def _fill_missing_grads(params: Sequence[torch.Tensor], grads) -> list[torch.Ten
 class BilevelTrainer(TrainerBase):
     """Trains a :class:`~bissl_det.modeling.meta_arch.BiSSL` model; ``iter`` counts stages."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, model: nn.Module | None = None):
+        """``model``: a BiSSL model built elsewhere (tests); default ``build_model(cfg)``."""
         super().__init__()
-        if cfg.MODEL.META_ARCHITECTURE != "BiSSL":
+        if model is None and cfg.MODEL.META_ARCHITECTURE != "BiSSL":
             raise ValueError(
                 f"MODEL.META_ARCHITECTURE = {cfg.MODEL.META_ARCHITECTURE!r}: the BiSSL trainer "
                 "needs 'BiSSL'"
             )
         self.cfg = cfg
-        self.model = build_model(cfg)
+        self.model = build_model(cfg) if model is None else model
         self.device = next(self.model.parameters()).device
         bissl = cfg.BISSL
         self.max_iter = bissl.STAGES
@@ -277,7 +278,7 @@ class BilevelTrainer(TrainerBase):
             "lower_pretext_loss": sum(x[1] for x in lower_losses) / len(lower_losses),
             "theta_phi_distance": distance,
             "lr_lower": self.lower_optimizer.param_groups[0]["lr"],
-            "lr_upper": self.upper_optimizer.param_groups[0]["lr"],
+            "lr": self.upper_optimizer.param_groups[0]["lr"],
             "data_time": 0.0,
         }
         for key in upper_stats[0]:
@@ -388,4 +389,7 @@ class BilevelTrainer(TrainerBase):
         return float(norm)
 
     def export(self) -> dict:
-        return export_lower_backbone(self.model, self.cfg.OUTPUT_DIR, self.pretext_name)
+        """Write theta, the BiSSL result, as OUTPUT_DIR/lower_backbone{,_torchvision}.pth."""
+        return export_backbone(
+            self.model.lower, self.cfg.OUTPUT_DIR, self.pretext_name, "lower_backbone"
+        )
