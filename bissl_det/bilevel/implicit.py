@@ -200,17 +200,15 @@ def damped_matvec(
         raise ValueError(f"lam must be > 0, got {lam}")
     if not damping >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    scale = 1.0 / lam
+    scale = 1.0 / (lam + damping)
 
     def matvec(v: TensorTuple) -> TensorTuple:
         hv = hvp(v)
         if all_reduce is not None:
             hv = all_reduce(hv)
-        out = [h.detach() for h in hv]
         with torch.no_grad():
-            torch._foreach_mul_(out, scale)
-            torch._foreach_add_(out, list(v))
-        return tuple(out)
+            # Out of place: hvp may return tensors aliasing v (or buffers it reuses).
+            return tuple(torch._foreach_add(list(v), [h.detach() for h in hv], alpha=scale))
 
     return matvec
 

@@ -6,12 +6,6 @@ from __future__ import annotations
 import math
 import os
 
-import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
-
 from bissl_det.bilevel import (
     HessianVectorProduct,
     RecomputingHessianVectorProduct,
@@ -21,6 +15,12 @@ from bissl_det.bilevel import (
     tuple_dot,
     tuple_norm,
 )
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
 DT = torch.float64
 
@@ -154,6 +154,9 @@ def test_damped_matvec_formula_and_all_reduce():
     torch.testing.assert_close(
         flatten(out), flatten(v) + 3.0 * hess @ flatten(v) / (lam + delta), rtol=1e-12, atol=1e-12
     )
+    # An operator whose output aliases its input (H = I) must not be corrupted in place.
+    out = damped_matvec(lambda t: t, lam, delta)(v)
+    torch.testing.assert_close(flatten(out), flatten(v) * (1 + 1 / (lam + delta)))
     with pytest.raises(ValueError, match="lam must be > 0"):
         damped_matvec(hvp, 0.0, 1.0)
     with pytest.raises(ValueError, match="damping must be >= 0"):

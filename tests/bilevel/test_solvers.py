@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import pytest
-import torch
-
 from bissl_det.bilevel import (
     NonFiniteError,
     conjugate_gradient,
@@ -18,6 +14,10 @@ from bissl_det.bilevel import (
     tuple_dot,
     tuple_norm,
 )
+
+import numpy as np
+import pytest
+import torch
 
 SHAPES = [(3, 2), (4,), (2, 2, 1)]  # 6 + 4 + 4 = 14 unknowns
 DIM = sum(math.prod(s) for s in SHAPES)
