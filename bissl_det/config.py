@@ -137,17 +137,46 @@ def add_bissl_config(cfg: CN) -> CN:
     # Square input size of train crops and test center crops.
     _C.CLS.IMAGE_SIZE = 224
     _C.CLS.NUM_WORKERS = 4
+    _C.CLS.SOLVER = CN()
+    # Training length of tools/eval_cls.py; ITERS > 0 wins over EPOCHS (passes over TRAIN_ROOT).
+    _C.CLS.SOLVER.ITERS = 0
+    _C.CLS.SOLVER.EPOCHS = 100.0
+    # SGD (momentum) with a cosine schedule from BASE_LR to 0, no warm-up.
+    _C.CLS.SOLVER.BASE_LR = 0.05
+    _C.CLS.SOLVER.MOMENTUM = 0.9
+    _C.CLS.SOLVER.WEIGHT_DECAY = 5e-4
+    # Training images per step (one process).
+    _C.CLS.SOLVER.IMS_PER_BATCH = 256
+    # Images per step of the (un-augmented) evaluation passes.
+    _C.CLS.SOLVER.TEST_IMS_PER_BATCH = 64
+    # Log a progress line (loss, lr, ETA) every this many steps.
+    _C.CLS.SOLVER.LOG_PERIOD = 20
+    _C.CLS.SEARCH = CN()
+    # Random search (eval_cls.py --search N): lr and weight decay drawn log-uniformly from these.
+    _C.CLS.SEARCH.LR_RANGE = (1e-4, 1.0)
+    _C.CLS.SEARCH.WD_RANGE = (1e-5, 1e-2)
+    # Fraction of TRAIN_ROOT held out (per class for single-label sets) to score the trials.
+    _C.CLS.SEARCH.VAL_FRACTION = 0.2
 
     # ---- Conventional SSL pretraining (tools/pretrain_ssl.py) ----------------------------------
     _C.PRETRAIN = CN()
     # LARS steps; lr warm-up steps then cosine to FINAL_LR_FACTOR * BASE_LR.
     _C.PRETRAIN.ITERS = 1000
+    # LARS learning rate, momentum and weight decay (biases and norms: no decay, no adaptation).
     _C.PRETRAIN.BASE_LR = 4.8
     _C.PRETRAIN.MOMENTUM = 0.9
     _C.PRETRAIN.WEIGHT_DECAY = 1e-6
     _C.PRETRAIN.WARMUP_STEPS = 100
     _C.PRETRAIN.FINAL_LR_FACTOR = 1e-3
+    # Images per step, over all processes (each gives two views).
     _C.PRETRAIN.IMS_PER_BATCH = 1024
+    # Gradient-norm clipping (0 disables; the norm is still checked for NaN/Inf).
     _C.PRETRAIN.CLIP_GRAD_NORM = 0.0
+    # Checkpoint (and export pretext_backbone.pth) every this many steps.
     _C.PRETRAIN.CHECKPOINT_PERIOD = 500
+    # Write metrics (console line with ETA, metrics.json) every this many steps.
+    _C.PRETRAIN.LOG_PERIOD = 20
+    # BYOL target momentum per step: "cosine" (MODEL.BYOL.EMA_MOMENTUM -> 1 over ITERS, as in
+    # BYOL) or "constant" (MODEL.BYOL.EMA_MOMENTUM throughout).
+    _C.PRETRAIN.EMA_SCHEDULE = "cosine"
     return cfg

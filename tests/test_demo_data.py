@@ -5,11 +5,11 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import bissl_det  # noqa: F401  (shims before detectron2)
+
 import numpy as np
 import pytest
 from PIL import Image
-
-import bissl_det  # noqa: F401  (shims before detectron2)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "datasets" / "make_demo_data.py"
 TINY = {"num_train": 6, "num_test": 2, "image_size": 64, "num_cls_train": 7, "num_cls_test": 4}

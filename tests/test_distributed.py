@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bissl_det.modeling.pretext import SimCLR
+from bissl_det.utils import distributed as du
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-
-from bissl_det.modeling.pretext import SimCLR
-from bissl_det.utils import distributed as du
 
 WORLD = 2
 BATCH = 8

@@ -9,6 +9,7 @@ checkpoint); with workers, each worker restarts its RNG from the run's seed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from detectron2.config import CfgNode
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
+    MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
@@ -64,6 +66,48 @@ def normalisation(cfg: CfgNode) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean = tuple(m / 255.0 for m in cfg.MODEL.PIXEL_MEAN)
     std = tuple(s / 255.0 for s in cfg.MODEL.PIXEL_STD)
     return mean, std
+
+
+def check_num_classes(cfg: CfgNode) -> int | None:
+    """Fail at start-up if the downstream head's class count differs from the data's.
+
+    Detection: MODEL.ROI_HEADS.NUM_CLASSES against ``thing_classes`` of every DATASETS.TRAIN and
+    DATASETS.TEST set. Classification: MODEL.CLASSIFIER.NUM_CLASSES against the classes of
+    CLS.TRAIN_ROOT. Other architectures (pretext-only models) are not checked.
+
+    Returns:
+        The number of classes checked, or None when the model has no downstream head.
+
+    Raises:
+        ValueError: The message names the key, its value, the data set and its classes.
+    """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "BiSSL":
+        arch = cfg.MODEL.BISSL.UPPER_META_ARCHITECTURE
+    if arch == "ResNetClassifier":
+        if not cfg.CLS.TRAIN_ROOT:
+            return None
+        classes = _classification_dataset(cfg, train=True).classes
+        if len(classes) != cfg.MODEL.CLASSIFIER.NUM_CLASSES:
+            raise ValueError(
+                f"MODEL.CLASSIFIER.NUM_CLASSES = {cfg.MODEL.CLASSIFIER.NUM_CLASSES}, but "
+                f"CLS.TRAIN_ROOT {cfg.CLS.TRAIN_ROOT!r} has {len(classes)} classes {classes}"
+            )
+        return len(classes)
+    if arch != "GeneralizedRCNN":
+        return None
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+        metadata = MetadataCatalog.get(name)
+        if not hasattr(metadata, "thing_classes"):
+            DatasetCatalog.get(name)  # COCO JSON sets its classes when first loaded
+        classes = list(metadata.get("thing_classes", []))
+        if classes and len(classes) != num_classes:
+            raise ValueError(
+                f"MODEL.ROI_HEADS.NUM_CLASSES = {num_classes}, but dataset {name!r} has "
+                f"{len(classes)} classes {classes}"
+            )
+    return num_classes
 
 
 # ---- Pretext (lower level) ------------------------------------------------------------------
@@ -147,6 +191,27 @@ def collate_classification(samples) -> dict[str, torch.Tensor]:
     }
 
 
+class NameFileOnError:
+    """Wrap a detection mapper so a decode error names the image (PIL's errors often do not).
+
+    Policy: labelled images are never skipped (that would silently change the training set);
+    images are not decoded at start-up either (too slow for COCO), so a corrupt one stops
+    training when it is first drawn, with its path.
+    """
+
+    def __init__(self, mapper: Callable[[dict], dict]) -> None:
+        self.mapper = mapper
+
+    def __call__(self, record: dict) -> dict:
+        try:
+            return self.mapper(record)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise OSError(
+                f"detection image {record.get('file_name')!r}: {type(e).__name__}: {e} - labelled "
+                "images are not skipped: replace the file or remove it from the split"
+            ) from e
+
+
 def build_downstream_train_loader(
     cfg: CfgNode, total_batch: int, start_batches: int = 0, seed: int = 0
 ):
@@ -170,7 +235,7 @@ def build_downstream_train_loader(
     )
     return build_detection_train_loader(
         dataset=dicts,
-        mapper=DatasetMapper(cfg, is_train=True),
+        mapper=NameFileOnError(DatasetMapper(cfg, is_train=True)),
         sampler=InfiniteSampler(len(dicts), seed=seed, start=start_batches * batch),
         total_batch_size=total_batch,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,

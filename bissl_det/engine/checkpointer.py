@@ -132,6 +132,18 @@ def load_pretext_checkpoint(model, path: str, pretext: str) -> None:
     """
     checkpoint = load_checkpoint_file(path)
     result = convert_to_detectron2(checkpoint)
+    own = model.lower_backbone.state_dict()
+    # load_state_dict's size-mismatch error would not name the file; list every mismatch here.
+    mismatched = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k, v in result.model.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"{path}: backbone shapes do not match MODEL.RESNETS ({len(mismatched)} tensors), "
+            f"e.g. {mismatched[:5]}"
+        )
     incompatible = model.lower_backbone.load_state_dict(result.model, strict=False)
     missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or incompatible.unexpected_keys:

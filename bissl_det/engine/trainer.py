@@ -155,19 +155,25 @@ class BilevelTrainer(TrainerBase):
 
     def before_train(self) -> None:
         seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0
-        self._pretext_iter = iter(
-            build_pretext_loader(
-                self.cfg, self.cfg.BISSL.LOWER.IMS_PER_BATCH, self.progress.pretext_batches, seed
+        # Starting a loader draws from the global RNG: fork it so that a resumed run continues
+        # the random stream of the checkpoint exactly.
+        with torch.random.fork_rng(devices=[]):
+            self._pretext_iter = iter(
+                build_pretext_loader(
+                    self.cfg,
+                    self.cfg.BISSL.LOWER.IMS_PER_BATCH,
+                    self.progress.pretext_batches,
+                    seed,
+                )
             )
-        )
-        self._downstream_iter = iter(
-            build_downstream_train_loader(
-                self.cfg,
-                self.cfg.BISSL.UPPER.IMS_PER_BATCH,
-                self.progress.downstream_batches,
-                seed + 1,
+            self._downstream_iter = iter(
+                build_downstream_train_loader(
+                    self.cfg,
+                    self.cfg.BISSL.UPPER.IMS_PER_BATCH,
+                    self.progress.downstream_batches,
+                    seed + 1,
+                )
             )
-        )
         if not self.progress.warmup_done:
             self.run_head_warmup()
         super().before_train()
@@ -191,7 +197,7 @@ class BilevelTrainer(TrainerBase):
 
     def check_finite(self, value: torch.Tensor | float, what: str, level: str, step: int) -> None:
         """Stop with a diagnostic checkpoint on NaN/Inf: never continue on a silent fault."""
-        if math.isfinite(float(value)):
+        if math.isfinite(float(value.detach() if torch.is_tensor(value) else value)):
             return
         self.fail_nonfinite(f"non-finite {what} ({float(value)})", level, step)
 

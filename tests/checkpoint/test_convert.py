@@ -7,11 +7,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-import torch
-import torchvision
-from torch import nn
-
 import bissl_det  # noqa: F401  (detectron2 shims before detectron2 is imported)
 from bissl_det.checkpoint import (
     FORMATS,
@@ -24,6 +19,11 @@ from bissl_det.checkpoint import (
     resnet_detectron2_keys,
     torchvision_to_detectron2,
 )
+
+import pytest
+import torch
+import torchvision
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
 

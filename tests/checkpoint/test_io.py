@@ -7,11 +7,6 @@ import logging
 import os
 import pickle
 
-import numpy as np
-import pytest
-import torch
-import torchvision
-
 import bissl_det  # noqa: F401  (detectron2 shims before detectron2 is imported)
 from bissl_det.checkpoint import (
     UntrustedCheckpointError,
@@ -19,6 +14,11 @@ from bissl_det.checkpoint import (
     load_checkpoint_file,
     save_backbone_checkpoint,
 )
+
+import numpy as np
+import pytest
+import torch
+import torchvision
 
 
 @pytest.fixture(scope="module")

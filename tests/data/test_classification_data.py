@@ -2,11 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-
 import bissl_det  # noqa: F401  (shims before detectron2)
 from bissl_det.data.classification import (
     IMAGENET_MEAN,
@@ -16,6 +11,11 @@ from bissl_det.data.classification import (
     classification_transforms,
 )
 from bissl_det.data.detection import DatasetValidationError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
 CLASSES = ["circle", "square", "triangle"]
 

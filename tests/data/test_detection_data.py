@@ -4,17 +4,14 @@ import json
 import uuid
 from pathlib import Path
 
+import bissl_det  # noqa: F401  (shims before detectron2)
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import bissl_det  # noqa: F401  (shims before detectron2)
-
 # isort: split
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from bissl_det.data.detection import (
     DatasetValidationError,
     add_dataset_config,
@@ -25,6 +22,9 @@ from bissl_det.data.detection import (
     validate_coco_json,
     validate_voc_folder,
 )
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 CLASSES = ["circle", "square"]
 OBJ = """<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>

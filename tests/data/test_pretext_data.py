@@ -6,12 +6,6 @@ import io
 import logging
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-from torchvision import transforms as T
-
 from bissl_det.data.pretext import (
     InfiniteSampler,
     TwoViewAugmentation,
@@ -19,6 +13,12 @@ from bissl_det.data.pretext import (
     UnlabeledImages,
     find_images,
 )
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
 
 
 def random_image(w: int = 64, h: int = 48, seed: int = 0, mode: str = "RGB") -> Image.Image:

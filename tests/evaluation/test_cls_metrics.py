@@ -1,9 +1,5 @@
 """Classification metrics against hand-computed values and an independent 11-point AP reference."""
 
-import numpy as np
-import pytest
-import torch
-
 import bissl_det  # noqa: F401  (shims before detectron2)
 from bissl_det.evaluation import (
     mean_per_class_accuracy,
@@ -11,6 +7,10 @@ from bissl_det.evaluation import (
     voc07_11point_ap,
     voc07_map,
 )
+
+import numpy as np
+import pytest
+import torch
 
 
 def _one_hot_logits(pred: list[int], num_classes: int) -> np.ndarray:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
+from bissl_det.modeling.pretext import BYOL, byol_loss, cosine_ema_momentum
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from bissl_det.modeling.pretext import BYOL, byol_loss, cosine_ema_momentum
 
 
 def byol_numpy(p: np.ndarray, z: np.ndarray) -> float:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from bissl_det.modeling.pretext import ProjectionMLP, SimCLR, nt_xent_loss
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from bissl_det.modeling.pretext import ProjectionMLP, SimCLR, nt_xent_loss
 
 
 def nt_xent_numpy(z1: np.ndarray, z2: np.ndarray, temperature: float) -> float:

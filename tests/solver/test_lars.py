@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from bissl_det.solver import LARS, is_norm_module, lars_param_groups
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from bissl_det.solver import LARS, is_norm_module, lars_param_groups
 
 
 def lars_numpy(w, g, buf, lr, momentum, wd, eta, exclude):

@@ -134,6 +134,11 @@ class BiSSL(nn.Module):
         """theta and phi parameters, aligned (the proximity term and the implicit gradient)."""
         return self._params
 
+    @property
+    def backbone_buffer_pairs(self) -> BackbonePairs:
+        """theta and phi BN statistics, aligned (copied at initialisation, never regularised)."""
+        return self._buffers_pairs
+
     def upper_head_parameters(self) -> tuple[nn.Parameter, ...]:
         """phi_d: every upper parameter that is not a backbone parameter."""
         return self._upper_head

@@ -1,0 +1,184 @@
+"""Conventional SSL pretraining (SimCLR or BYOL) of the Detectron2 ResNet: step 1 of the pipeline.
+
+The model is the BiSSL lower level without the bilevel part: the same pretext model
+(:func:`~bissl_det.modeling.meta_arch.build_pretext_model` on a plain-BN ResNet trunk), the same
+pretext loader and LARS + warm-up/cosine schedule. No DDP: gradients are averaged by hand, as on
+the lower level, so the exported backbone is directly a BiSSL starting point.
+
+Writes OUTPUT_DIR/pretext_backbone.pth (MODEL.WEIGHTS of train_bissl.py, finetune_det.py and
+eval_cls.py; it carries the pretext head so BiSSL starts with it), its torchvision twin,
+resumable checkpoints and metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from detectron2.config import CfgNode
+from detectron2.engine import TrainerBase, hooks
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from torch import nn
+
+from ..data.build import build_pretext_loader
+from ..modeling.backbone import PooledEncoder, build_resnet_trunk
+from ..modeling.meta_arch import build_pretext_model
+from ..modeling.pretext import cosine_ema_momentum
+from ..solver.build import build_lars, build_scheduler
+from ..utils.distributed import all_reduce_grads_, is_distributed
+from .checkpointer import AtomicCheckpointer, TrainingProgress, export_backbone
+from .hooks import ExportLowerBackbone
+from .trainer import BilevelTrainer
+
+logger = logging.getLogger(__name__)
+
+EXPORT_NAME = "pretext_backbone"
+EMA_SCHEDULES = ("cosine", "constant")
+
+
+def build_pretrain_model(cfg: CfgNode) -> nn.Module:
+    """SimCLR/BYOL (MODEL.BISSL.PRETEXT) on the MODEL.RESNETS trunk with plain BN, on its device.
+
+    Plain BN, like the BiSSL lower level (and per-process statistics under multi-process runs).
+    """
+    encoder = PooledEncoder(build_resnet_trunk(cfg, norm="BN"))
+    return build_pretext_model(cfg, encoder).to(torch.device(cfg.MODEL.DEVICE))
+
+
+@torch.no_grad()
+def broadcast_module_(module: nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s parameters and buffers to every process (no DDP does it for us)."""
+    if not is_distributed():
+        return
+    for tensor in (*module.parameters(), *module.buffers()):
+        dist.broadcast(tensor.data, src)
+
+
+class PretrainTrainer(TrainerBase):
+    """One iteration = one LARS step of the pretext loss; ``iter`` counts steps.
+
+    Hooks: IterationTimer, PeriodicCheckpointer (resumable with data position and RNG state),
+    export of ``pretext_backbone.pth`` every checkpoint and at the end, PeriodicWriter
+    (console line with ETA, metrics.json).
+    """
+
+    # The bilevel trainer's NaN/Inf guard and clipping, shared rather than copied: they only use
+    # ``cfg``, ``iter`` and ``checkpointer``, which this trainer has too.
+    check_finite = BilevelTrainer.check_finite
+    fail_nonfinite = BilevelTrainer.fail_nonfinite
+    clip_and_check = BilevelTrainer.clip_and_check
+
+    def __init__(self, cfg: CfgNode, model: nn.Module | None = None):
+        """``model``: a pretext model built elsewhere (tests); default: from ``cfg``."""
+        super().__init__()
+        pre = cfg.PRETRAIN
+        if pre.EMA_SCHEDULE not in EMA_SCHEDULES:
+            raise ValueError(
+                f"PRETRAIN.EMA_SCHEDULE = {pre.EMA_SCHEDULE!r}: use one of {EMA_SCHEDULES}"
+            )
+        if pre.ITERS <= 0:
+            raise ValueError(f"PRETRAIN.ITERS = {pre.ITERS}: must be > 0")
+        self.cfg = cfg
+        self.model = build_pretrain_model(cfg) if model is None else model
+        broadcast_module_(self.model)
+        self.device = next(self.model.parameters()).device
+        self.max_iter = pre.ITERS
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_lars(self.model, pre.BASE_LR, pre.MOMENTUM, pre.WEIGHT_DECAY)
+        self.scheduler = build_scheduler(
+            self.optimizer, pre.ITERS, pre.WARMUP_STEPS, pre.FINAL_LR_FACTOR
+        )
+        self.progress = TrainingProgress()
+        self.checkpointer = AtomicCheckpointer(
+            self.model,
+            cfg.OUTPUT_DIR,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            progress=self.progress,
+        )
+        self._data_iter = None
+        self.register_hooks(self.build_hooks())
+
+    @property
+    def pretext_name(self) -> str:
+        return self.cfg.MODEL.BISSL.PRETEXT.lower()
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Resume from OUTPUT_DIR's last checkpoint, or start from random weights."""
+        if resume and self.checkpointer.has_checkpoint():
+            checkpoint = self.checkpointer.resume_or_load("", resume=True)
+            self.start_iter = checkpoint.get("iteration", -1) + 1
+            logger.info("Resuming pretraining at step %d", self.start_iter)
+            return
+        self.start_iter = 0
+        if self.cfg.MODEL.WEIGHTS:
+            logger.warning(
+                "MODEL.WEIGHTS = %s is ignored: pretraining starts from random weights",
+                self.cfg.MODEL.WEIGHTS,
+            )
+
+    def build_hooks(self) -> list:
+        cfg, period = self.cfg, self.cfg.PRETRAIN.CHECKPOINT_PERIOD
+        hook_list = [hooks.IterationTimer()]
+        if comm.is_main_process():
+            out = cfg.OUTPUT_DIR
+            writers = [CommonMetricPrinter(self.max_iter), JSONWriter(f"{out}/metrics.json")]
+            hook_list += [
+                hooks.PeriodicCheckpointer(self.checkpointer, period, max_iter=self.max_iter),
+                ExportLowerBackbone(out, self.pretext_name, period),
+                hooks.PeriodicWriter(writers, cfg.PRETRAIN.LOG_PERIOD),
+            ]
+        return hook_list
+
+    def before_train(self) -> None:
+        seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0
+        loader = build_pretext_loader(
+            self.cfg, self.cfg.PRETRAIN.IMS_PER_BATCH, self.progress.pretext_batches, seed
+        )
+        # A DataLoader iterator draws its base seed from the global RNG; keep that draw out of
+        # the global stream, so a resumed run's augmentations continue exactly.
+        with torch.random.fork_rng(devices=[]):
+            self._data_iter = iter(loader)
+        super().before_train()
+
+    def train(self) -> None:
+        super().train(self.start_iter, self.max_iter)
+
+    def ema_momentum(self, step: int) -> float:
+        """BYOL target momentum after optimiser step ``step`` (0-based)."""
+        base = self.cfg.MODEL.BYOL.EMA_MOMENTUM
+        if self.cfg.PRETRAIN.EMA_SCHEDULE == "constant":
+            return base
+        # The schedule length is the configured run, not this process's max_iter.
+        return cosine_ema_momentum(base, step + 1, self.cfg.PRETRAIN.ITERS)
+
+    def run_step(self) -> None:
+        assert self.model.training, "PretrainTrainer: the model was left in eval mode"
+        start = time.perf_counter()
+        view1, view2 = (t.to(self.device, non_blocking=True) for t in next(self._data_iter))
+        self.progress.pretext_batches += 1
+        data_time = time.perf_counter() - start
+
+        loss = self.model(view1, view2)
+        self.check_finite(loss.detach(), "pretext loss", "pretraining", self.iter)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_grads_(self.params)
+        grad_norm = self.clip_and_check(
+            self.params, self.cfg.PRETRAIN.CLIP_GRAD_NORM, "pretraining", self.iter
+        )
+        metrics = {"pretext_loss": loss.item(), "grad_norm": grad_norm, "data_time": data_time}
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        if hasattr(self.model, "update_target"):
+            metrics["ema_momentum"] = self.ema_momentum(self.iter)
+            self.model.update_target(metrics["ema_momentum"])
+        self.storage.put_scalars(**metrics, smoothing_hint=False)
+
+    def export(self) -> dict:
+        """Write OUTPUT_DIR/pretext_backbone{,_torchvision}.pth from the current weights."""
+        return export_backbone(self.model, self.cfg.OUTPUT_DIR, self.pretext_name, EXPORT_NAME)

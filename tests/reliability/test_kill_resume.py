@@ -1,0 +1,142 @@
+"""A BiSSL run killed mid-run and resumed ends exactly where an uninterrupted run ends.
+
+Also: a checkpoint write that dies midway leaves the previous checkpoint and its tag intact.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import TINY_C4, TRAIN_BISSL, one_thread, tiny_cfg
+
+STAGES = 4
+# Every stage checkpointed; no evaluation at the end (it does not change the weights).
+OPTS = [
+    "BISSL.STAGES", str(STAGES),
+    "BISSL.CHECKPOINT_PERIOD", "1",
+    "SEED", "0",
+    "DATASETS.TEST", "()",
+]  # fmt: skip
+KILL_AFTER = "model_0000001.pth"  # written after stage index 1 of 0..3: two stages remain
+
+
+def _command(output_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(TRAIN_BISSL),
+        "--config-file",
+        str(TINY_C4),
+        *extra,
+        *OPTS,
+        "OUTPUT_DIR",
+        str(output_dir),
+    ]
+
+
+# One thread per run: two runs share the CI machine, and the result must not depend on it.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(cwd: Path, output_dir: Path, *extra: str) -> None:
+    proc = subprocess.run(
+        _command(output_dir, *extra), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(demo_workdir, tmp_path):
+    out_a, out_b = tmp_path / "killed", tmp_path / "uninterrupted"
+    # The uninterrupted reference runs alongside the run that is killed.
+    ref = subprocess.Popen(
+        _command(out_b),
+        cwd=demo_workdir,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    victim = subprocess.Popen(
+        _command(out_a),
+        cwd=demo_workdir,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (out_a / KILL_AFTER).exists():
+        assert victim.poll() is None, "the run to be killed ended before writing its checkpoint"
+        assert time.monotonic() < deadline, f"{KILL_AFTER} never appeared"
+        time.sleep(0.005)
+    still_running = victim.poll() is None
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert still_running, "the run finished before it was killed: make it longer"
+    assert victim.returncode == -signal.SIGKILL
+    assert not (out_a / "model_final.pth").exists(), "killed too late: training had finished"
+    assert (out_a / "last_checkpoint").read_text().strip() == KILL_AFTER
+
+    _run(demo_workdir, out_a, "--resume")
+    ref_log, _ = ref.communicate(timeout=120)
+    assert ref.returncode == 0, ref_log[-3000:]
+    assert "Starting training from iteration 2" in (out_a / "log.txt").read_text()
+
+    resumed, reference = _weights(out_a / "model_final.pth"), _weights(out_b / "model_final.pth")
+    assert resumed.keys() == reference.keys()
+    differ = [k for k in reference if not torch.equal(resumed[k], reference[k])]
+    assert not differ, f"{len(differ)} of {len(reference)} tensors differ, e.g. {differ[:5]}"
+    # The exported result (theta) is the same file content too.
+    lower_a = _weights(out_a / "lower_backbone.pth")
+    lower_b = _weights(out_b / "lower_backbone.pth")
+    assert all(torch.equal(lower_a[k], lower_b[k]) for k in lower_b)
+
+
+@pytest.mark.usefixtures(one_thread.__name__)
+def test_failed_checkpoint_write_keeps_the_last_good_one(in_demo_workdir, tmp_path, monkeypatch):
+    from bissl_det.engine import BilevelTrainer
+    from bissl_det.engine import checkpointer as ckpt
+
+    cfg = tiny_cfg(tmp_path / "out", "SEED", "0")
+    trainer = BilevelTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.checkpointer.save("model_0000000", iteration=0)
+    good = tmp_path / "out" / "model_0000000.pth"
+    good_bytes = good.read_bytes()
+
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        # Write part of the payload to the temporary file, then die as a full disk would.
+        real_save({"partial": torch.zeros(3)}, f, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.checkpointer.save("model_0000001", iteration=1)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.checkpointer.save("model_0000000", iteration=1)  # overwriting the good one
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+
+    out = tmp_path / "out"
+    assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert good.read_bytes() == good_bytes
+    assert not (out / "model_0000001.pth").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name], "temporary files left behind"
+    # The tag still resolves to a loadable checkpoint of the state before the failed writes.
+    assert trainer.checkpointer.get_checkpoint_file() == str(good)
+    state = torch.load(good, map_location="cpu", weights_only=True)
+    assert state["iteration"] == 0

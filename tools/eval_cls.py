@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Classification transfer of a backbone: full fine-tuning (default) or a linear probe.
+
+    python tools/eval_cls.py --config-file configs/cls/voc07_R50.yaml \
+        --linear-probe --seeds 3 --search 20 MODEL.WEIGHTS output/pretrain/pretext_backbone.pth
+
+--seeds N: N runs (seeds SEED..SEED+N-1), mean and std. --search N: random search over lr and
+weight decay on a validation split carved from the training set first (bissl_det/engine/
+cls_eval.py documents the protocol). Writes OUTPUT_DIR/cls_results.json. Single process.
+"""
+
+import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
+from bissl_det.engine import launch
+from bissl_det.engine.cls_eval import run_cls_eval
+from bissl_det.engine.setup import setup
+
+from detectron2.engine import default_argument_parser
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--linear-probe",
+        action="store_true",
+        help="train only the linear layer; backbone weights and BN statistics stay frozen",
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="runs to average (mean, std)")
+    parser.add_argument(
+        "--search", type=int, default=0, help="random-search trials over lr and weight decay"
+    )
+    return parser
+
+
+def main(args):
+    cfg = setup(args)
+    # default_setup configures the detectron2 and fvcore loggers only.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="bissl_det")
+    return run_cls_eval(
+        cfg, seeds=args.seeds, search_trials=args.search, linear_probe=args.linear_probe
+    )
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
