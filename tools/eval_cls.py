@@ -15,8 +15,6 @@ from bissl_det.engine.cls_eval import run_cls_eval
 from bissl_det.engine.setup import setup
 
 from detectron2.engine import default_argument_parser
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 
 def argument_parser():
@@ -36,7 +34,6 @@ def argument_parser():
 def main(args):
     cfg = setup(args)
     # default_setup configures the detectron2 and fvcore loggers only.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="bissl_det")
     return run_cls_eval(
         cfg, seeds=args.seeds, search_trials=args.search, linear_probe=args.linear_probe
     )

@@ -15,14 +15,11 @@ from bissl_det.engine.pretrain import PretrainTrainer
 from bissl_det.engine.setup import setup
 
 from detectron2.engine import default_argument_parser
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 
 def main(args):
     cfg = setup(args)
     # default_setup configures the detectron2 and fvcore loggers only.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="bissl_det")
     trainer = PretrainTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     if args.eval_only:

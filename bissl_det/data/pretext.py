@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bissl_det.utils.distributed import rank as _rank
+from bissl_det.utils.distributed import world_size as _world_size
+
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
-
-from bissl_det.utils.distributed import rank as _rank
-from bissl_det.utils.distributed import world_size as _world_size
 
 __all__ = [
     "IMAGE_EXTENSIONS",

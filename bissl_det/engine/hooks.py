@@ -12,11 +12,11 @@ from detectron2.engine import HookBase
 logger = logging.getLogger(__name__)
 
 
-class ExportLowerBackbone(HookBase):
-    """Export theta (the BiSSL result) every ``period`` stages and when training ends."""
+class ExportBackbone(HookBase):
+    """Call ``trainer.export()`` every ``period`` iterations and when training ends."""
 
-    def __init__(self, output_dir: str, pretext: str, period: int):
-        self.output_dir, self.pretext, self.period = output_dir, pretext, period
+    def __init__(self, period: int):
+        self.period = period
 
     def after_step(self) -> None:
         stage = self.trainer.iter + 1
@@ -26,7 +26,7 @@ class ExportLowerBackbone(HookBase):
     def after_train(self) -> None:
         if self.trainer.iter + 1 >= self.trainer.max_iter:
             paths = self.trainer.export()
-            logger.info("Exported the lower backbone: %s", {k: str(v) for k, v in paths.items()})
+            logger.info("Exported the backbone: %s", {k: str(v) for k, v in paths.items()})
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:

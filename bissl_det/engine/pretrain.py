@@ -30,8 +30,8 @@ from ..modeling.pretext import cosine_ema_momentum
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, is_distributed
 from .checkpointer import AtomicCheckpointer, TrainingProgress, export_backbone
-from .hooks import ExportLowerBackbone
-from .trainer import BilevelTrainer
+from .faults import FaultChecks
+from .hooks import ExportBackbone
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +57,13 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
         dist.broadcast(tensor.data, src)
 
 
-class PretrainTrainer(TrainerBase):
+class PretrainTrainer(FaultChecks, TrainerBase):
     """One iteration = one LARS step of the pretext loss; ``iter`` counts steps.
 
     Hooks: IterationTimer, PeriodicCheckpointer (resumable with data position and RNG state),
     export of ``pretext_backbone.pth`` every checkpoint and at the end, PeriodicWriter
     (console line with ETA, metrics.json).
     """
-
-    # The bilevel trainer's NaN/Inf guard and clipping, shared rather than copied: they only use
-    # ``cfg``, ``iter`` and ``checkpointer``, which this trainer has too.
-    check_finite = BilevelTrainer.check_finite
-    fail_nonfinite = BilevelTrainer.fail_nonfinite
-    clip_and_check = BilevelTrainer.clip_and_check
 
     def __init__(self, cfg: CfgNode, model: nn.Module | None = None):
         """``model``: a pretext model built elsewhere (tests); default: from ``cfg``."""
@@ -128,7 +122,7 @@ class PretrainTrainer(TrainerBase):
             writers = [CommonMetricPrinter(self.max_iter), JSONWriter(f"{out}/metrics.json")]
             hook_list += [
                 hooks.PeriodicCheckpointer(self.checkpointer, period, max_iter=self.max_iter),
-                ExportLowerBackbone(out, self.pretext_name, period),
+                ExportBackbone(period),
                 hooks.PeriodicWriter(writers, cfg.PRETRAIN.LOG_PERIOD),
             ]
         return hook_list

@@ -43,7 +43,8 @@ from .checkpointer import (
     export_backbone,
     load_pretext_checkpoint,
 )
-from .hooks import ExportLowerBackbone, PlotMetrics
+from .faults import FaultChecks
+from .hooks import ExportBackbone, PlotMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,10 @@ def _fill_missing_grads(params: Sequence[torch.Tensor], grads) -> list[torch.Ten
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
 
-class BilevelTrainer(TrainerBase):
+class BilevelTrainer(FaultChecks, TrainerBase):
     """Trains a :class:`~bissl_det.modeling.meta_arch.BiSSL` model; ``iter`` counts stages."""
+
+    unit = "stage"
 
     def __init__(self, cfg, model: nn.Module | None = None):
         """``model``: a BiSSL model built elsewhere (tests); default ``build_model(cfg)``."""
@@ -135,7 +138,7 @@ class BilevelTrainer(TrainerBase):
             hook_list.append(
                 hooks.PeriodicCheckpointer(self.checkpointer, period, max_iter=self.max_iter)
             )
-            hook_list.append(ExportLowerBackbone(cfg.OUTPUT_DIR, self.pretext_name, period))
+            hook_list.append(ExportBackbone(period))
         if cfg.TEST.EVAL_PERIOD > 0:
             hook_list.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate))
         if comm.is_main_process():
@@ -192,22 +195,6 @@ class BilevelTrainer(TrainerBase):
         batch = next(self._downstream_iter)
         self.progress.downstream_batches += 1
         return batch
-
-    # ---- Faults ------------------------------------------------------------------------------
-
-    def check_finite(self, value: torch.Tensor | float, what: str, level: str, step: int) -> None:
-        """Stop with a diagnostic checkpoint on NaN/Inf: never continue on a silent fault."""
-        if math.isfinite(float(value.detach() if torch.is_tensor(value) else value)):
-            return
-        self.fail_nonfinite(f"non-finite {what} ({float(value)})", level, step)
-
-    def fail_nonfinite(self, message: str, level: str, step: int) -> None:
-        name = f"model_nonfinite_stage{self.iter:07d}"
-        self.checkpointer.save(name, iteration=self.iter)
-        raise FloatingPointError(
-            f"{message} at the {level} level, stage {self.iter}, step {step}; diagnostic "
-            f"checkpoint: {self.cfg.OUTPUT_DIR}/{name}.pth"
-        )
 
     # ---- Head warm-up ------------------------------------------------------------------------
 
@@ -384,15 +371,6 @@ class BilevelTrainer(TrainerBase):
         }
         stats.update({f"upper/{k}": v.item() for k, v in upper_losses.items()})
         return stats
-
-    def clip_and_check(self, params, max_norm: float, level: str, step: int) -> float:
-        grads = [p for p in params if p.grad is not None]
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
-        else:
-            norm = tuple_norm(tuple(p.grad for p in grads))
-        self.check_finite(norm, "gradient norm", level, step)
-        return float(norm)
 
     def export(self) -> dict:
         """Write theta, the BiSSL result, as OUTPUT_DIR/lower_backbone{,_torchvision}.pth."""

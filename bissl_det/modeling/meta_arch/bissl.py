@@ -151,7 +151,8 @@ class BiSSL(nn.Module):
     def copy_lower_backbone_to_upper(self) -> None:
         """phi <- theta, parameters and BN statistics (both levels start from the same weights)."""
         for pairs in (self._params, self._buffers_pairs):
-            torch._foreach_copy_(list(pairs.upper), list(pairs.lower))
+            if pairs.upper:  # a norm-free backbone has no buffers
+                torch._foreach_copy_(list(pairs.upper), list(pairs.lower))
 
     def pretext_loss(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         """L_P(theta, theta_p) on a batch of view pairs."""

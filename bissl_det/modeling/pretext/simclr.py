@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from bissl_det.utils.distributed import gather_with_grad, rank
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from bissl_det.utils.distributed import gather_with_grad, rank
 
 from .projection import ProjectionMLP
 
