@@ -33,7 +33,6 @@ def argument_parser():
 
 def main(args):
     cfg = setup(args)
-    # default_setup configures the detectron2 and fvcore loggers only.
     return run_cls_eval(
         cfg, seeds=args.seeds, search_trials=args.search, linear_probe=args.linear_probe
     )

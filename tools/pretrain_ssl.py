@@ -19,7 +19,6 @@ from detectron2.engine import default_argument_parser
 
 def main(args):
     cfg = setup(args)
-    # default_setup configures the detectron2 and fvcore loggers only.
     trainer = PretrainTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     if args.eval_only:

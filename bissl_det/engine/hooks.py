@@ -24,7 +24,9 @@ class ExportBackbone(HookBase):
             self.trainer.export()
 
     def after_train(self) -> None:
-        if self.trainer.iter + 1 >= self.trainer.max_iter:
+        # TrainerBase.train leaves iter == max_iter only when the last iteration succeeded:
+        # a run that failed must not overwrite the export with a faulty backbone.
+        if self.trainer.iter >= self.trainer.max_iter:
             paths = self.trainer.export()
             logger.info("Exported the backbone: %s", {k: str(v) for k, v in paths.items()})
 

@@ -121,7 +121,9 @@ class PretrainTrainer(FaultChecks, TrainerBase):
             out = cfg.OUTPUT_DIR
             writers = [CommonMetricPrinter(self.max_iter), JSONWriter(f"{out}/metrics.json")]
             hook_list += [
-                hooks.PeriodicCheckpointer(self.checkpointer, period, max_iter=self.max_iter),
+                hooks.PeriodicCheckpointer(
+                    self.checkpointer, period or self.max_iter, self.max_iter
+                ),
                 ExportBackbone(period),
                 hooks.PeriodicWriter(writers, cfg.PRETRAIN.LOG_PERIOD),
             ]

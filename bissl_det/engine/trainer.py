@@ -136,7 +136,10 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         hook_list = [hooks.IterationTimer()]
         if comm.is_main_process():
             hook_list.append(
-                hooks.PeriodicCheckpointer(self.checkpointer, period, max_iter=self.max_iter)
+                # Period 0: only the final checkpoint.
+                hooks.PeriodicCheckpointer(
+                    self.checkpointer, period or self.max_iter, max_iter=self.max_iter
+                )
             )
             hook_list.append(ExportBackbone(period))
         if cfg.TEST.EVAL_PERIOD > 0:
