@@ -13,7 +13,8 @@ logger = logging.getLogger(__name__)
 
 
 class ExportBackbone(HookBase):
-    """Call ``trainer.export()`` every ``period`` iterations and when training ends."""
+    """``trainer.export(final=False)`` every ``period`` iterations (a ``*_last`` file), and
+    ``trainer.export()`` once training has succeeded: the final file exists only then."""
 
     def __init__(self, period: int):
         self.period = period
@@ -21,7 +22,7 @@ class ExportBackbone(HookBase):
     def after_step(self) -> None:
         stage = self.trainer.iter + 1
         if self.period > 0 and stage % self.period == 0 and stage < self.trainer.max_iter:
-            self.trainer.export()
+            self.trainer.export(final=False)
 
     def after_train(self) -> None:
         # TrainerBase.train leaves iter == max_iter only when the last iteration succeeded:

@@ -175,6 +175,7 @@ class PretrainTrainer(FaultChecks, TrainerBase):
             self.model.update_target(metrics["ema_momentum"])
         self.storage.put_scalars(**metrics, smoothing_hint=False)
 
-    def export(self) -> dict:
-        """Write OUTPUT_DIR/pretext_backbone{,_torchvision}.pth from the current weights."""
-        return export_backbone(self.model, self.cfg.OUTPUT_DIR, self.pretext_name, EXPORT_NAME)
+    def export(self, final: bool = True) -> dict:
+        """Write OUTPUT_DIR/pretext_backbone{,_torchvision}.pth (``_last`` when periodic)."""
+        name = EXPORT_NAME if final else f"{EXPORT_NAME}_last"
+        return export_backbone(self.model, self.cfg.OUTPUT_DIR, self.pretext_name, name)

@@ -375,8 +375,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         stats.update({f"upper/{k}": v.item() for k, v in upper_losses.items()})
         return stats
 
-    def export(self) -> dict:
-        """Write theta, the BiSSL result, as OUTPUT_DIR/lower_backbone{,_torchvision}.pth."""
-        return export_backbone(
-            self.model.lower, self.cfg.OUTPUT_DIR, self.pretext_name, "lower_backbone"
-        )
+    def export(self, final: bool = True) -> dict:
+        """Write theta, the BiSSL result: OUTPUT_DIR/lower_backbone{,_torchvision}.pth at the
+        end of a successful run, lower_backbone_last{,_torchvision}.pth periodically."""
+        name = "lower_backbone" if final else "lower_backbone_last"
+        return export_backbone(self.model.lower, self.cfg.OUTPUT_DIR, self.pretext_name, name)
