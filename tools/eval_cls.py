@@ -10,8 +10,8 @@ cls_eval.py documents the protocol). Writes OUTPUT_DIR/cls_results.json. Single 
 """
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
-from bissl_det.engine import launch
 from bissl_det.engine.cls_eval import run_cls_eval
+from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.setup import setup
 
 from detectron2.engine import default_argument_parser
@@ -40,11 +40,4 @@ def main(args):
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)

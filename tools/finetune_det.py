@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
-from bissl_det.engine import launch
 from bissl_det.engine.finetune import FinetuneTrainer, summarise
+from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.setup import setup
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -50,11 +50,4 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)

@@ -10,7 +10,7 @@ tools/finetune_det.py and tools/eval_cls.py. --resume continues from the last ch
 """
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
-from bissl_det.engine import launch
+from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.pretrain import PretrainTrainer
 from bissl_det.engine.setup import setup
 
@@ -29,11 +29,4 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)

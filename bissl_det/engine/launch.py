@@ -75,3 +75,15 @@ def _cpu_worker(
         main_func(*args)
     finally:
         dist.destroy_process_group()
+
+
+def launch_from_args(main_func: Callable, args) -> None:
+    """``launch(main_func, ...)`` with detectron2's default_argument_parser flags, main(args)."""
+    launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
