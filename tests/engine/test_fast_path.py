@@ -113,7 +113,7 @@ def test_retained_graph_equals_recomputing_and_functional(setup):
     x_ref = _solve(trainer, reference_hvp(), g)
 
     # H must matter, else equality below proves nothing.
-    assert _rel_diff(x_fast, g) > 1e-2
+    assert _rel_diff(x_fast, g) > 0.1
     assert _rel_diff(x_fast, x_ref) < 1e-5
     # The products leave the lower model's BN statistics alone.
     for before, after in zip(buffers_before, lower.buffers(), strict=True):
@@ -127,7 +127,8 @@ def test_retained_graph_equals_recomputing_and_functional(setup):
         x_func = _solve(
             trainer, lambda v: functional_hvp(lower, lambda loss: loss, params, v, args=pretext), g
         )
-    assert _rel_diff(x_func, x_fast) < 1e-4
+    # A different float32 algorithm, and CG on I + H / 0.051 amplifies rounding: looser.
+    assert _rel_diff(x_func, x_fast) < 1e-3
 
 
 def test_upper_step_fast_equals_reference(setup):
