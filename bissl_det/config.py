@@ -61,6 +61,13 @@ def add_bissl_config(cfg: CN) -> CN:
     # Write metrics every this many stages.
     _C.BISSL.LOG_PERIOD = 1
 
+    _C.BISSL.AMP = CN()
+    # Mixed precision for the first-order passes (pretext steps, both downstream passes of the
+    # upper step); the Hessian graph, its products and CG stay in float32 for accuracy.
+    _C.BISSL.AMP.ENABLED = False
+    # torch dtype name: "bfloat16" (no loss scaling needed) or "float16".
+    _C.BISSL.AMP.DTYPE = "bfloat16"
+
     _C.BISSL.HYPERGRAD = CN()
     # Linear solver of (I + H / (LAMBDA + DAMPING)) x = g: "cg", "layerwise_cg" or "neumann".
     _C.BISSL.HYPERGRAD.SOLVER = "cg"

@@ -282,10 +282,19 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         self.storage.put_scalars(**metrics, smoothing_hint=False)
         self.storage.put_scalar("stage_time", time.perf_counter() - start, smoothing_hint=False)
 
+    def first_order_precision(self):
+        """Autocast for first-order passes (BISSL.AMP); the Hessian stays float32."""
+        amp = self.cfg.BISSL.AMP
+        return torch.autocast(
+            self.device.type, dtype=getattr(torch, amp.DTYPE), enabled=amp.ENABLED
+        )
+
     def lower_step(self, step: int) -> tuple[float, float]:
         """One step on L_P(theta, theta_p) + lambda/2 ||theta - phi||^2. Returns both losses."""
         lam = self.cfg.BISSL.LAMBDA
-        pretext_loss = self.model.pretext_loss(*self.next_pretext_batch())
+        batch = self.next_pretext_batch()
+        with self.first_order_precision():
+            pretext_loss = self.model.pretext_loss(*batch)
         self.check_finite(pretext_loss, "pretext loss", "lower", step)
         self.lower_optimizer.zero_grad(set_to_none=True)
         pretext_loss.backward()
@@ -325,7 +334,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         batch = self.next_downstream_batch()
 
         # L_D(theta, phi_d): g for the implicit gradient, and phi_d's first gradient term.
-        lower_view = sum(model.downstream_losses(batch, with_lower_backbone=True).values())
+        with self.first_order_precision():
+            lower_view = sum(model.downstream_losses(batch, with_lower_backbone=True).values())
         self.check_finite(lower_view, "downstream loss on theta", "upper", step)
         grads = torch.autograd.grad(lower_view, (*pairs.lower, *head), allow_unused=True)
         grads = _fill_missing_grads((*pairs.lower, *head), grads)
@@ -346,8 +356,9 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
         # gamma * L_D(phi, phi_d) on the same batch.
         self.upper_optimizer.zero_grad(set_to_none=True)
-        upper_losses = model.downstream_losses(batch)
-        upper_loss = sum(upper_losses.values())
+        with self.first_order_precision():
+            upper_losses = model.downstream_losses(batch)
+            upper_loss = sum(upper_losses.values())
         self.check_finite(upper_loss, "downstream loss on phi", "upper", step)
         (bissl.GAMMA * upper_loss).backward()
         with torch.no_grad():

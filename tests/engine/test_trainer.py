@@ -62,6 +62,41 @@ def test_implicit_gradient_reaches_the_upper_backbone(in_demo_workdir, tmp_path,
     assert not all(torch.allclose(a, b, rtol=1e-3, atol=0) for a, b in zip(x, g, strict=True))
 
 
+def _implicit_gradient_of_one_stage(cfg, monkeypatch):
+    seed_all_rng(0)
+    trainer = _stepping_trainer(cfg)
+    solved = []
+
+    def spy(hvp, g, **kwargs):
+        x, info = spy.__wrapped__(hvp, g, **kwargs)
+        solved.append(x)
+        return x, info
+
+    spy.__wrapped__ = trainer_module.implicit_gradient
+    monkeypatch.setattr(trainer_module, "implicit_gradient", spy)
+    with EventStorage() as storage:
+        trainer.storage = storage
+        trainer.lower_step(0)
+        hvp = trainer.stage_hessian()
+        trainer.upper_step(hvp, 0)
+        hvp.release()
+    monkeypatch.undo()
+    return solved[0]
+
+
+def test_bf16_first_order_passes_keep_the_implicit_gradient(in_demo_workdir, tmp_path, monkeypatch):
+    """BISSL.AMP: autocast first-order passes, float32 Hessian; x stays close to float32's."""
+    fp32 = _implicit_gradient_of_one_stage(
+        tiny_config(TINY_C4, tmp_path / "a", *NO_WARMUP), monkeypatch
+    )
+    bf16 = _implicit_gradient_of_one_stage(
+        tiny_config(TINY_C4, tmp_path / "b", "BISSL.AMP.ENABLED", "True", *NO_WARMUP), monkeypatch
+    )
+    assert all(t.dtype == torch.float32 for t in bf16)
+    cosine = tuple_cosine(bf16, fp32).item()
+    assert 0.9 < cosine < 1.0  # close, and really computed in lower precision
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pretext", ["simclr", "byol"])
 def test_bissl_runs_end_to_end_and_exports(in_demo_workdir, tmp_path, pretext):
