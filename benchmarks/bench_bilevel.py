@@ -53,13 +53,12 @@ from bissl_det.bilevel import (
     functional_hvp,
     tuple_norm,
 )
+from bissl_det.modeling.memory import checkpoint_resnet_blocks
 
 import torch
-from detectron2.layers import CNNBlockBase
 from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -273,15 +272,12 @@ def channels_last(bench: Bench) -> Iterator[None]:
 
 @contextlib.contextmanager
 def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
-    """Non-reentrant activation checkpointing of every ResNet block of both levels."""
-    blocks = [m for m in model.modules() if isinstance(m, CNNBlockBase)]
-    for block in blocks:
-        block.forward = (lambda f: lambda x: checkpoint(f, x, use_reentrant=False))(block.forward)
+    """BISSL.ACTIVATION_CHECKPOINTING: every trainable ResNet block of both levels."""
+    restore = checkpoint_resnet_blocks(model)
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward
+        restore()
 
 
 @contextlib.contextmanager

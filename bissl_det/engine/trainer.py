@@ -35,6 +35,7 @@ from ..data.build import (
     downstream_train_size,
 )
 from ..evaluation.evaluate import evaluate_downstream
+from ..modeling.memory import checkpoint_resnet_blocks
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, all_reduce_mean
 from .checkpointer import (
@@ -74,6 +75,10 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         self.model = build_model(cfg) if model is None else model
         self.device = next(self.model.parameters()).device
         bissl = cfg.BISSL
+        if bissl.CHANNELS_LAST:
+            self.model.to(memory_format=torch.channels_last)  # keeps parameter identity
+        if bissl.ACTIVATION_CHECKPOINTING:
+            checkpoint_resnet_blocks(self.model)
         self.max_iter = bissl.STAGES
         self.lower_params = [p for p in self.model.lower.parameters() if p.requires_grad]
         self.upper_params = [p for p in self.model.upper.parameters() if p.requires_grad]
