@@ -67,10 +67,11 @@ def add_bissl_config(cfg: CN) -> CN:
     _C.BISSL.AMP.ENABLED = False
     # torch dtype name: "bfloat16" (no loss scaling needed) or "float16".
     _C.BISSL.AMP.DTYPE = "bfloat16"
-    # NHWC weights (faster convolutions with tensor cores; measured 1.5x slower on CPU).
+    # NHWC weights, for GPU tensor cores (upper step 1.2-1.5x slower on CPU: benchmarks/).
     _C.BISSL.CHANNELS_LAST = False
-    # Recompute ResNet block activations in backward: less memory, one more forward per
-    # backward (measured 1.2-1.4x per upper step). See modeling/memory.py.
+    # Recompute ResNet block activations in backward (modeling/memory.py): saves those of the
+    # first-order passes, not the retained graph the Hessian products need, which was the
+    # upper step's peak in benchmarks/ (no saving there); upper step 1.2-1.5x slower.
     _C.BISSL.ACTIVATION_CHECKPOINTING = False
 
     _C.BISSL.HYPERGRAD = CN()

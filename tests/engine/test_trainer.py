@@ -111,7 +111,7 @@ def test_precision_and_layout_options_keep_the_implicit_gradient(
         assert conv.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_activation_checkpointing_changes_nothing_but_memory(in_demo_workdir, tmp_path):
+def test_activation_checkpointing_leaves_the_stage_unchanged(in_demo_workdir, tmp_path):
     """The same x and the same weights and BN statistics after a stage, on the real C4 detector."""
     x_plain, plain = _one_stage(tiny_config(TINY_C4, tmp_path / "a", *NO_WARMUP))
     config = tiny_config(
