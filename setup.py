@@ -27,5 +27,9 @@ setup(
         "numpy",
         "Pillow",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={
+        # submitit: tools/submit.py (Slurm); optuna: parallel hyper-parameter search.
+        "cluster": ["submitit>=1.5", "optuna>=4"],
+        "dev": ["pytest", "ruff", "submitit>=1.5", "optuna>=4"],
+    },
 )
