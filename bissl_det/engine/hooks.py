@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 
 from detectron2.engine import HookBase
+from detectron2.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 
 logger = logging.getLogger(__name__)
+
+
+def build_writers(output_dir: str | Path, max_iter: int) -> list[EventWriter]:
+    """Console line with ETA, ``output_dir``/metrics.json, and TensorBoard events if installed."""
+    writers = [CommonMetricPrinter(max_iter), JSONWriter(f"{output_dir}/metrics.json")]
+    with contextlib.suppress(ImportError):  # tensorboard is optional
+        writers.append(TensorboardXWriter(str(output_dir)))
+    return writers
 
 
 class ExportBackbone(HookBase):
@@ -57,8 +67,11 @@ PLOTS = {
 }
 
 
-def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write the PLOTS of a run's metrics.json as PNG files; returns the files written."""
+def plot_metrics(
+    metrics_file: str | Path, out_dir: str | Path, plots: dict | None = None, xlabel: str = "stage"
+) -> list[Path]:
+    """Write ``plots`` ({file: (title, keys)}, default PLOTS) of a run's metrics.json as PNG
+    files; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +80,7 @@ def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
     series, out_dir = read_metrics(metrics_file), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for filename, (title, keys) in PLOTS.items():
+    for filename, (title, keys) in (PLOTS if plots is None else plots).items():
         present = [k for k in keys if series.get(k)]
         if not present:
             continue
@@ -76,7 +89,7 @@ def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
             xs, ys = zip(*series[key], strict=True)
             ax.plot(xs, ys, marker=".")
             ax.set_title(key)
-            ax.set_xlabel("stage")
+            ax.set_xlabel(xlabel)
             if key == "cg_residual":
                 ax.set_yscale("log")
         fig.suptitle(title)
@@ -90,10 +103,13 @@ def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
 class PlotMetrics(HookBase):
     """Plot metrics.json to OUTPUT_DIR/plots/*.png at the end of training."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, plots: dict | None = None, xlabel: str = "stage"):
         self.output_dir = Path(output_dir)
+        self.plots, self.xlabel = plots, xlabel
 
     def after_train(self) -> None:
         # Registered after PeriodicWriter, whose after_train has flushed metrics.json by now.
-        written = plot_metrics(self.output_dir / "metrics.json", self.output_dir / "plots")
+        written = plot_metrics(
+            self.output_dir / "metrics.json", self.output_dir / "plots", self.plots, self.xlabel
+        )
         logger.info("Wrote plots: %s", ", ".join(str(p) for p in written))
