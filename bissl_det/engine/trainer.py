@@ -14,7 +14,6 @@ and Hessian-vector products are averaged across processes by hand.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -24,7 +23,6 @@ import torch
 from detectron2.engine import TrainerBase, hooks
 from detectron2.modeling import build_model
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from torch import nn
 from torch.func import functional_call
 
@@ -45,7 +43,7 @@ from .checkpointer import (
     load_pretext_checkpoint,
 )
 from .faults import FaultChecks
-from .hooks import ExportBackbone, PlotMetrics
+from .hooks import ExportBackbone, PlotMetrics, build_writers
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +153,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         return hook_list
 
     def build_writers(self) -> list:
-        out = self.cfg.OUTPUT_DIR
-        writers = [CommonMetricPrinter(self.max_iter), JSONWriter(f"{out}/metrics.json")]
-        with contextlib.suppress(ImportError):  # tensorboard is optional
-            writers.append(TensorboardXWriter(out))
-        return writers
+        return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
     def evaluate(self) -> dict:
         return evaluate_downstream(self.cfg, self.model)
