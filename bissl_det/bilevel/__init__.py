@@ -1,5 +1,14 @@
 """BiSSL implicit-gradient machinery: solvers and Hessian-vector products on tensor tuples."""
 
+from .curvature import (
+    CURVATURES,
+    Curvature,
+    GaussNewtonCurvature,
+    HessianCurvature,
+    pretext_curvature,
+    scratch_buffers,
+)
+from .fisher import EmpiricalFisherCurvature
 from .implicit import (
     HessianVectorProduct,
     ImplicitGradInfo,
@@ -7,6 +16,8 @@ from .implicit import (
     damped_matvec,
     functional_hvp,
     implicit_gradient,
+    implicit_gradient_from,
+    joint_damped_matvec,
 )
 from .solvers import (
     SOLVERS,
@@ -24,7 +35,12 @@ from .solvers import (
 )
 
 __all__ = [
+    "CURVATURES",
     "SOLVERS",
+    "Curvature",
+    "EmpiricalFisherCurvature",
+    "GaussNewtonCurvature",
+    "HessianCurvature",
     "HessianVectorProduct",
     "ImplicitGradInfo",
     "MatVec",
@@ -37,8 +53,12 @@ __all__ = [
     "functional_hvp",
     "get_solver",
     "implicit_gradient",
+    "implicit_gradient_from",
+    "joint_damped_matvec",
     "layerwise_conjugate_gradient",
     "neumann_series",
+    "pretext_curvature",
+    "scratch_buffers",
     "tuple_cosine",
     "tuple_dot",
     "tuple_norm",

@@ -16,24 +16,31 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .solvers import MatVec, TensorTuple, get_solver, tuple_cosine, tuple_norm
 
+if TYPE_CHECKING:  # curvature.py imports this module
+    from .curvature import Curvature
+
 __all__ = [
     "HessianVectorProduct",
+    "check_vector",
     "ImplicitGradInfo",
     "RecomputingHessianVectorProduct",
     "damped_matvec",
     "functional_hvp",
     "implicit_gradient",
+    "implicit_gradient_from",
+    "joint_damped_matvec",
 ]
 
 
-def _check_vector(v: TensorTuple, params: Sequence[torch.Tensor], who: str) -> None:
+def check_vector(v: TensorTuple, params: Sequence[torch.Tensor], who: str) -> None:
+    """Raise ``ValueError`` naming ``who`` unless ``v`` matches ``params`` tensor by tensor."""
     if len(v) != len(params):
         raise ValueError(f"{who}: got {len(v)} tensors for {len(params)} parameters")
     for i, (t, p) in enumerate(zip(v, params, strict=True)):
@@ -103,7 +110,7 @@ class HessianVectorProduct:
         """Return ``H v`` (detached, same shapes as ``params``)."""
         if self._released:
             raise RuntimeError("HessianVectorProduct was released; build a new one")
-        _check_vector(v, self.params, type(self).__name__)
+        check_vector(v, self.params, type(self).__name__)
         return _grad_vector_product(self._index, self._grads, self.params, v, retain_graph=True)
 
     def release(self) -> None:
@@ -133,7 +140,7 @@ class RecomputingHessianVectorProduct:
     def __call__(self, v: TensorTuple) -> TensorTuple:
         """Return ``H v`` (detached, same shapes as ``params``)."""
         who = type(self).__name__
-        _check_vector(v, self.params, who)
+        check_vector(v, self.params, who)
         index, grads = _first_order_graph(self.closure(), self.params, who)
         return _grad_vector_product(index, grads, self.params, v, retain_graph=False)
 
@@ -166,7 +173,7 @@ def functional_hvp(
     """
     names = tuple(params)
     primals = tuple(params[n].detach() for n in names)
-    _check_vector(v, primals, "functional_hvp")
+    check_vector(v, primals, "functional_hvp")
     kwargs = dict(kwargs or {})
 
     def loss_of(*theta: torch.Tensor) -> torch.Tensor:
@@ -176,6 +183,14 @@ def functional_hvp(
     grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(names))))
     _, hv = torch.func.jvp(grad_fn, primals, tuple(t.detach() for t in v))
     return tuple(hv)
+
+
+def _damping_scale(lam: float, damping: float) -> float:
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    if not damping >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    return 1.0 / (lam + damping)
 
 
 def damped_matvec(
@@ -196,11 +211,7 @@ def damped_matvec(
     Returns:
         The matrix-vector product, for the solvers in :mod:`bissl_det.bilevel.solvers`.
     """
-    if not lam > 0:
-        raise ValueError(f"lam must be > 0, got {lam}")
-    if not damping >= 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    scale = 1.0 / (lam + damping)
+    scale = _damping_scale(lam, damping)
 
     def matvec(v: TensorTuple) -> TensorTuple:
         hv = hvp(v)
@@ -223,6 +234,8 @@ class ImplicitGradInfo:
         converged: Whether the solver's tolerance was met.
         cosine: Cosine between ``x`` and ``g`` (1 when ``H`` has no effect).
         norm_ratio: ``||x|| / ||g||``.
+        products: Curvature products used (:func:`implicit_gradient_from` only).
+        solve_info: The solver's own diagnostics object, unchanged (None for ``"direct"``).
     """
 
     iterations: int
@@ -230,6 +243,8 @@ class ImplicitGradInfo:
     converged: bool
     cosine: float
     norm_ratio: float
+    products: int = 0
+    solve_info: Any = None
 
 
 def implicit_gradient(
@@ -266,11 +281,113 @@ def implicit_gradient(
     solve = get_solver(solver)
     matvec = damped_matvec(hvp, lam, damping, all_reduce)
     x, info = solve(matvec, g, max_iter=max_iter, tol=tol, **solver_kwargs)
+    return x, _diagnostics(x, g, info.iterations, info.residual_norm, info.converged, 0, info)
+
+
+def _diagnostics(
+    x: TensorTuple,
+    g: TensorTuple,
+    iterations: int,
+    residual_norm: float,
+    converged: bool,
+    products: int,
+    solve_info: Any,
+) -> ImplicitGradInfo:
     g_norm = tuple_norm(g).item()
-    return x, ImplicitGradInfo(
-        iterations=info.iterations,
-        residual_norm=info.residual_norm,
-        converged=info.converged,
+    return ImplicitGradInfo(
+        iterations=iterations,
+        residual_norm=residual_norm,
+        converged=converged,
         cosine=tuple_cosine(x, g).item(),
         norm_ratio=tuple_norm(x).item() / g_norm if g_norm > 0 else 0.0,
+        products=products,
+        solve_info=solve_info,
     )
+
+
+def joint_damped_matvec(
+    curvature_matvec: Callable[[TensorTuple], TensorTuple], num_backbone: int, scale: float
+) -> MatVec:
+    """``v -> P v + scale * C v`` with ``P = diag(I_backbone, 0_head)``.
+
+    The operator of the exact implicit gradient when the pretext head ``theta_p`` is a lower
+    variable too (unregularised): with ``C`` over ``(theta, theta_p)``, solving
+    ``(P + C / lam) x = (g, 0)`` gives ``dL/dphi = x_theta``, equivalent to the Schur complement
+    ``(I + (H_tt - H_tp H_pp^-1 H_pt) / lam)^-1 g``. The first ``num_backbone`` tensors are
+    ``theta``. ``C`` must be nonsingular on the head block (``H_pp``) for a unique solution.
+    """
+    if not scale > 0:
+        raise ValueError(f"joint_damped_matvec: scale must be > 0, got {scale}")
+
+    def matvec(v: TensorTuple) -> TensorTuple:
+        cv = curvature_matvec(v)
+        with torch.no_grad():
+            out = [c.detach() * scale for c in cv]
+            torch._foreach_add_(out[:num_backbone], list(v[:num_backbone]))
+        return tuple(out)
+
+    return matvec
+
+
+def implicit_gradient_from(
+    curvature: Curvature,
+    g: TensorTuple,
+    lam: float = 1e-3,
+    damping: float = 10.0,
+    solver: str = "cg",
+    head: Sequence[torch.Tensor] = (),
+    **solver_kwargs: Any,
+) -> tuple[TensorTuple, ImplicitGradInfo]:
+    """Solve ``(I + C / (lam + damping)) x = g`` for a stage :class:`Curvature` ``C``.
+
+    ``C`` replaces the Hessian of :func:`implicit_gradient` (its products are already averaged
+    over processes). ``solver="direct"`` uses the curvature's exact ``solve_damped`` (the Fisher's
+    Woodbury solve); any other name goes to :func:`~bissl_det.bilevel.solvers.get_solver` with
+    ``solver_kwargs`` (``max_iter``, ``tol``, ...).
+
+    With ``head`` (the pretext head's parameters, in the order ``C`` was built over
+    ``(*backbone, *head)``) the joint system of :func:`joint_damped_matvec` is solved with
+    right-hand side ``(g, 0)``, and the backbone part is returned.
+
+    Args:
+        curvature: The stage's matrix over the backbone (and ``head``) parameters.
+        g: Gradient of the upper loss w.r.t. the lower backbone (averaged over processes).
+        lam: Proximal weight of the lower level (> 0).
+        damping: Extra damping ``delta`` (>= 0).
+        solver: ``"direct"`` or a name known to ``get_solver``.
+        head: Pretext-head tensors (templates for the zero right-hand side); empty: no head.
+        **solver_kwargs: Passed to the iterative solver.
+
+    Returns:
+        ``x`` (shaped like ``g``) and an :class:`ImplicitGradInfo` whose ``residual_norm`` is
+        the iterative solver's own (for ``"direct"``: ``||g - A x||``, one product more, and
+        ``converged`` False if it exceeds ``1e-3 ||g||``, which only a wrong solve does).
+    """
+    scale = _damping_scale(lam, damping)
+    g = tuple(t.detach() for t in g)
+    start = curvature.products
+    if head:
+        rhs = (*g, *(torch.zeros_like(h, dtype=g[0].dtype) for h in head))
+        matvec = joint_damped_matvec(curvature.matvec, len(g), scale)
+    else:
+        rhs, matvec = g, damped_matvec(curvature.matvec, lam, damping)
+    if solver == "direct":
+        if head:
+            raise ValueError(
+                "solver 'direct' cannot solve the joint (backbone, head) system: "
+                "P + C/(lam+delta) is not of the form I + low rank; use an iterative solver"
+            )
+        if not curvature.has_exact_solve:
+            raise ValueError(
+                f"solver 'direct' needs a curvature with an exact damped solve; "
+                f"{type(curvature).__name__} has none"
+            )
+        x = curvature.solve_damped(g, scale)
+        with torch.no_grad():
+            residual = tuple_norm(torch._foreach_sub(list(g), list(matvec(x)))).item()
+        # Exact up to rounding: a larger residual means the solve is wrong, not unconverged.
+        exact = residual <= 1e-3 * tuple_norm(g).item()
+        return x, _diagnostics(x, g, 0, residual, exact, curvature.products - start, None)
+    x, info = get_solver(solver)(matvec, rhs, **solver_kwargs)
+    x, used = tuple(x[: len(g)]), curvature.products - start
+    return x, _diagnostics(x, g, info.iterations, info.residual_norm, info.converged, used, info)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,16 @@ from .projection import ProjectionMLP
 __all__ = ["BYOL", "byol_loss", "cosine_ema_momentum"]
 
 
+def _squared_distances(q: Tensor, t: Tensor) -> Tensor:
+    """Per-row ``||q - t||^2``; for unit rows it equals ``2 - 2 cos(q, t)``."""
+    return (q - t).pow(2).sum(dim=1)
+
+
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     """``2 - 2 cos(p, z)`` averaged over samples; ``z`` is treated as a constant target.
+
+    Computed as the squared distance of the normalised vectors (the same value), the form that
+    is convex in the normalised prediction (see :meth:`BYOL.ggn_outputs`).
 
     Args:
         p: Online predictions, shape ``(n, d)``.
@@ -30,8 +38,7 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
             f"byol_loss needs two (n, d) tensors of equal shape, got {tuple(p.shape)} "
             f"and {tuple(z.shape)}"
         )
-    cos = (F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(dim=1)
-    return (2 - 2 * cos).mean()
+    return _squared_distances(F.normalize(p, dim=1), F.normalize(z.detach(), dim=1)).mean()
 
 
 def cosine_ema_momentum(base: float, step: int, total: int) -> float:
@@ -70,8 +77,8 @@ class BYOL(nn.Module):
         self,
         encoder: nn.Module,
         feat_dim: int = 2048,
-        projector_dims: Sequence[int] = (2048, 256, 256),
-        predictor_dims: Sequence[int] = (256, 256, 256),
+        projector_dims: Sequence[int] = (2048, 256, 256, 256),
+        predictor_dims: Sequence[int] = (256, 256, 256, 256),
         ema_momentum: float = 0.9995,
     ) -> None:
         super().__init__()
@@ -86,8 +93,9 @@ class BYOL(nn.Module):
             )
         self._check_momentum(ema_momentum)
         self.encoder = encoder
-        self.projector = ProjectionMLP(projector_dims, last_bias=True)
-        self.predictor = ProjectionMLP(predictor_dims, last_bias=True)
+        # No bias on the last layers, as in the BiSSL authors' code.
+        self.projector = ProjectionMLP(projector_dims, last_bias=False)
+        self.predictor = ProjectionMLP(predictor_dims, last_bias=False)
         self.target_encoder = copy.deepcopy(encoder)
         self.target_projector = copy.deepcopy(self.projector)
         for p in self.target_parameters():
@@ -131,13 +139,37 @@ class BYOL(nn.Module):
         with torch.no_grad():
             return self.target_projector(self.target_encoder(view))
 
-    def forward(self, view1: Tensor, view2: Tensor) -> Tensor:
-        """Symmetric BYOL loss ``byol_loss(p1, t2) + byol_loss(p2, t1)`` (as in the BYOL paper).
+    def ggn_outputs(
+        self, view1: Tensor, view2: Tensor
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The loss split as ``loss_of_outputs(outputs)`` with a loss convex in the outputs.
+
+        Outputs are the normalised online predictions ``[q1; q2]`` (shape ``(2n, d)``); the
+        convex part is the squared distance to the constant normalised targets ``[t2; t1]``,
+        summed over rows and divided by ``n`` (Hessian ``2/n I``). ``loss_of_outputs(outputs)``
+        equals :meth:`forward`'s loss, ``byol_loss(p1, t2) + byol_loss(p2, t1)``.
 
         Views are encoded separately (per-view BatchNorm statistics, as in BYOL).
         """
+        if view1.shape != view2.shape:
+            raise ValueError(
+                f"BYOL: views must have equal shapes, got {tuple(view1.shape)} "
+                f"and {tuple(view2.shape)}"
+            )
         p1 = self.predictor(self.projector(self.encoder(view1)))
         p2 = self.predictor(self.projector(self.encoder(view2)))
         t1 = self._target_projection(view1)
         t2 = self._target_projection(view2)
-        return byol_loss(p1, t2) + byol_loss(p2, t1)
+        predictions = F.normalize(torch.cat([p1, p2]), dim=1)
+        targets = F.normalize(torch.cat([t2, t1]), dim=1)
+        n = view1.shape[0]
+
+        def loss_of_outputs(outputs: Tensor) -> Tensor:
+            return _squared_distances(outputs, targets).sum() / n
+
+        return predictions, loss_of_outputs
+
+    def forward(self, view1: Tensor, view2: Tensor) -> Tensor:
+        """Symmetric BYOL loss ``byol_loss(p1, t2) + byol_loss(p2, t1)`` (as in the BYOL paper)."""
+        outputs, loss_of_outputs = self.ggn_outputs(view1, view2)
+        return loss_of_outputs(outputs)
