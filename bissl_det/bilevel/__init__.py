@@ -19,8 +19,11 @@ from .implicit import (
     implicit_gradient_from,
     joint_damped_matvec,
 )
+from .lanczos import LanczosBasis, RitzInfo, lanczos_extremes
 from .solvers import (
+    NEGATIVE_CURVATURE_MODES,
     SOLVERS,
+    IndefiniteSystemError,
     MatVec,
     NonFiniteError,
     SolveInfo,
@@ -29,6 +32,7 @@ from .solvers import (
     get_solver,
     layerwise_conjugate_gradient,
     neumann_series,
+    true_residual,
     tuple_cosine,
     tuple_dot,
     tuple_norm,
@@ -36,6 +40,7 @@ from .solvers import (
 
 __all__ = [
     "CURVATURES",
+    "NEGATIVE_CURVATURE_MODES",
     "SOLVERS",
     "Curvature",
     "EmpiricalFisherCurvature",
@@ -43,9 +48,12 @@ __all__ = [
     "HessianCurvature",
     "HessianVectorProduct",
     "ImplicitGradInfo",
+    "IndefiniteSystemError",
+    "LanczosBasis",
     "MatVec",
     "NonFiniteError",
     "RecomputingHessianVectorProduct",
+    "RitzInfo",
     "SolveInfo",
     "TensorTuple",
     "conjugate_gradient",
@@ -55,10 +63,12 @@ __all__ = [
     "implicit_gradient",
     "implicit_gradient_from",
     "joint_damped_matvec",
+    "lanczos_extremes",
     "layerwise_conjugate_gradient",
     "neumann_series",
     "pretext_curvature",
     "scratch_buffers",
+    "true_residual",
     "tuple_cosine",
     "tuple_dot",
     "tuple_norm",

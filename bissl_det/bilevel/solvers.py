@@ -1,29 +1,43 @@
-"""Matrix-free linear solvers over tuples of tensors.
+"""Matrix-free linear solvers over tuples of tensors: CG, layer-wise CG, Neumann series.
 
-Every solver takes ``matvec`` (a linear operator ``A`` given as a function on tuples of tensors
-shaped like ``b``) and returns an approximate solution of ``A x = b`` together with a
-:class:`SolveInfo`. The tuples are never flattened into one vector: at ResNet-50 scale that would
-copy every parameter on every iteration. Updates use in-place ``torch._foreach_*`` ops on buffers
-allocated once per solve.
-
-Inner products accumulate in at least float32 (float64 stays float64), so half-precision inputs do
-not overflow or lose the residual in rounding. A non-finite quantity raises
-:class:`NonFiniteError`; nothing is silently replaced by zeros.
+Every solver is ``solve(matvec, b, max_iter=..., tol=..., ...) -> (x, SolveInfo)``, ``matvec`` being
+``v -> A v`` on tuples shaped like ``b``; the shared pieces (inner products, :class:`SolveInfo`,
+errors, the CG loop) live in :mod:`.krylov`, the stage-level Lanczos solver in :mod:`.lanczos`.
+No solver fails silently: a NaN/inf raises :class:`NonFiniteError`, and an operator that is not
+positive definite is counted in ``SolveInfo.negative_curvature`` and truncated, continued through
+or refused (:class:`IndefiniteSystemError`) as the caller asks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-TensorTuple = tuple[torch.Tensor, ...]
-MatVec = Callable[[TensorTuple], TensorTuple]
+from .krylov import (
+    NEGATIVE_CURVATURE_MODES,
+    IndefiniteSystemError,
+    MatVec,
+    NonFiniteError,
+    SolveInfo,
+    TensorTuple,
+    apply_matvec,
+    finish_info,
+    finite_or_raise,
+    krylov_cg,
+    prepare_rhs,
+    true_residual,
+    tuple_cosine,
+    tuple_dot,
+    tuple_norm,
+)
+from .lanczos import lanczos_extremes
 
 __all__ = [
+    "NEGATIVE_CURVATURE_MODES",
     "SOLVERS",
+    "IndefiniteSystemError",
     "MatVec",
     "NonFiniteError",
     "SolveInfo",
@@ -32,266 +46,202 @@ __all__ = [
     "get_solver",
     "layerwise_conjugate_gradient",
     "neumann_series",
+    "true_residual",
     "tuple_cosine",
     "tuple_dot",
     "tuple_norm",
 ]
 
 
-class NonFiniteError(FloatingPointError):
-    """A solver met a NaN or infinity (in ``b``, in ``A v`` or in a step size)."""
-
-
-@dataclass
-class SolveInfo:
-    """What a solve did.
-
-    Attributes:
-        iterations: Iterations run (CG: matrix-vector products; Neumann: series terms added).
-        residual_norm: ``||b - A x||`` of the returned ``x`` (CG: from the recurrence, no extra
-            product; layer-wise CG: see its docstring).
-        converged: Whether ``residual_norm <= tol * ||b||``.
-    """
-
-    iterations: int
-    residual_norm: float
-    converged: bool
-
-
-def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
-    # float16/bfloat16 sums overflow or round away small residuals; float64 must not be demoted.
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _check_pair(a: TensorTuple, b: TensorTuple) -> None:
-    if len(a) != len(b):
-        raise ValueError(f"tuple lengths differ: {len(a)} vs {len(b)}")
-    for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        if x.shape != y.shape:
-            raise ValueError(f"shape mismatch at index {i}: {tuple(x.shape)} vs {tuple(y.shape)}")
-
-
-def _dots(a: TensorTuple, b: TensorTuple) -> torch.Tensor:
-    """Per-tensor inner products ``<a_i, b_i>`` as one 1-D tensor (accumulation dtype)."""
-    if not a:
-        return torch.zeros(0)
-    acc = _accumulation_dtype(a[0])
-    return torch.stack(
-        [torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)) for x, y in zip(a, b, strict=True)]
-    )
-
-
-def tuple_dot(a: TensorTuple, b: TensorTuple) -> torch.Tensor:
-    """Inner product of two tuples of tensors, summed over all tensors.
-
-    Args:
-        a: Tensors.
-        b: Tensors with the same shapes as ``a``.
-
-    Returns:
-        A 0-d tensor in float32 (float64 if the inputs are float64) on the inputs' device.
-    """
-    _check_pair(a, b)
-    return _dots(a, b).sum()
-
-
-def tuple_norm(ts: TensorTuple) -> torch.Tensor:
-    """Euclidean norm of a tuple of tensors seen as one vector (0-d, float32 or float64)."""
-    return tuple_dot(ts, ts).sqrt()
-
-
-def tuple_cosine(a: TensorTuple, b: TensorTuple, eps: float = 1e-30) -> torch.Tensor:
-    """Cosine similarity of two tuples of tensors seen as vectors (0 if either is zero)."""
-    return tuple_dot(a, b) / (tuple_norm(a) * tuple_norm(b)).clamp_min(eps)
-
-
-def _finite_or_raise(value: float, what: str, solver: str, iteration: int) -> float:
-    if not math.isfinite(value):
-        raise NonFiniteError(f"{solver}: {what} is {value} at iteration {iteration}")
-    return value
-
-
-def _prepare(b: TensorTuple, max_iter: int, tol: float, solver: str) -> TensorTuple:
-    if max_iter < 0:
-        raise ValueError(f"{solver}: max_iter must be >= 0, got {max_iter}")
-    if tol < 0:
-        raise ValueError(f"{solver}: tol must be >= 0, got {tol}")
-    if len(b) == 0:
-        raise ValueError(f"{solver}: b is an empty tuple")
-    return tuple(t.detach() for t in b)
-
-
-def _matvec(matvec: MatVec, v: TensorTuple, b: TensorTuple, solver: str) -> list[torch.Tensor]:
-    out = list(matvec(v))
-    try:
-        _check_pair(tuple(out), b)
-    except ValueError as e:
-        raise ValueError(f"{solver}: matvec output does not match b: {e}") from None
-    return [t.detach() for t in out]
-
-
 def conjugate_gradient(
-    matvec: MatVec, b: TensorTuple, max_iter: int = 5, tol: float = 0.0
+    matvec: MatVec,
+    b: TensorTuple,
+    max_iter: int = 5,
+    tol: float = 0.0,
+    on_negative_curvature: str = "truncate",
+    check_residual: bool = False,
 ) -> tuple[TensorTuple, SolveInfo]:
-    """Conjugate gradient on the coupled system ``A x = b`` (``A`` symmetric positive definite).
+    """Conjugate gradient on the coupled system ``A x = b`` (``A`` symmetric).
 
     Starts from ``x0 = 0``. One step size and one conjugation coefficient are shared by all tensors,
     so this is exact CG: for an ``n x n`` SPD operator it solves the system in at most ``n`` steps
-    (in exact arithmetic).
+    (in exact arithmetic). A search direction ``p`` with ``p^T A p <= 0`` proves that ``A`` is not
+    positive definite; what happens then is ``on_negative_curvature``:
+
+    - ``"truncate"`` (truncated-Newton / Steihaug CG): return the iterate before that direction. If
+      the very first direction (``p = b``) is one, there is no iterate before it and ``x = b`` is
+      returned: the first-order answer, exact for ``A = I``.
+    - ``"continue"``: take the step anyway (negative ``alpha``), as the BiSSL paper's CG does.
+    - ``"raise"``: raise :class:`IndefiniteSystemError`.
 
     Args:
         matvec: ``v -> A v`` on tuples shaped like ``b``.
         b: Right-hand side.
         max_iter: Maximum number of iterations (= matrix-vector products).
         tol: Stop once ``||b - A x|| <= tol * ||b||``; 0 runs all ``max_iter`` iterations.
+        on_negative_curvature: ``"truncate"``, ``"continue"`` or ``"raise"``.
+        check_residual: Recompute ``||b - A x||`` at the end with one more product.
 
     Returns:
-        The solution tuple (same shapes and dtypes as ``b``) and a :class:`SolveInfo`.
+        The solution tuple (same shapes and dtypes as ``b``) and a :class:`SolveInfo`. Its residual
+        is CG's recurrence residual, equal to ``||b - A x||`` in exact arithmetic
+        (``residual_is_true``); rounding makes them drift apart over many iterations, which
+        ``check_residual`` rules out.
 
     Raises:
-        NonFiniteError: If ``b``, the residual or a step size becomes NaN/inf.
+        NonFiniteError: If ``b``, ``p^T A p``, the residual or a step size becomes NaN/inf.
+        IndefiniteSystemError: With ``on_negative_curvature="raise"``, at the first
+            ``p^T A p <= 0``.
     """
-    name = "conjugate_gradient"
-    b = _prepare(b, max_iter, tol, name)
-    with torch.no_grad():
-        x = [torch.zeros_like(t) for t in b]
-        r = [t.clone() for t in b]
-        p = [t.clone() for t in b]
-        rr = _finite_or_raise(tuple_dot(b, b).item(), "||b||^2", name, 0)
-    b_norm = math.sqrt(rr)
-    threshold = tol * b_norm
-    residual = b_norm
-    iterations = 0
-    while iterations < max_iter and residual > threshold:
-        ap = _matvec(matvec, tuple(p), b, name)
-        iterations += 1
-        with torch.no_grad():
-            p_ap = tuple_dot(tuple(p), tuple(ap)).item()
-            # p^T A p == 0 with r != 0 means A is not positive definite on p: a breakdown.
-            alpha = _finite_or_raise(
-                rr / p_ap if p_ap != 0.0 else math.inf, "step size alpha", name, iterations
-            )
-            torch._foreach_add_(x, p, alpha=alpha)
-            torch._foreach_add_(r, ap, alpha=-alpha)
-            rr_new = _finite_or_raise(
-                tuple_dot(tuple(r), tuple(r)).item(), "residual ||r||^2", name, iterations
-            )
-            residual = math.sqrt(rr_new)
-            if residual <= threshold:
-                break
-            torch._foreach_mul_(p, rr_new / rr)
-            torch._foreach_add_(p, r)
-            rr = rr_new
-    return tuple(x), SolveInfo(iterations, residual, residual <= threshold)
+    return krylov_cg(
+        matvec, b, max_iter, tol, on_negative_curvature, check_residual, "conjugate_gradient"
+    )
 
 
 def layerwise_conjugate_gradient(
-    matvec: MatVec, b: TensorTuple, max_iter: int = 5, tol: float = 0.0, eps: float = 0.0
+    matvec: MatVec,
+    b: TensorTuple,
+    max_iter: int = 5,
+    tol: float = 0.0,
+    on_negative_curvature: str = "truncate",
+    check_residual: bool = False,
+    eps: float = 0.0,
 ) -> tuple[TensorTuple, SolveInfo]:
     """The BiSSL reference code's CG variant: a separate step size per tensor.
 
     Each tensor ``i`` gets ``alpha_i = <r_i, r_i> / <p_i, (A p)_i>`` and
     ``beta_i = <r_i', r_i'> / <r_i, r_i>``. This is exact CG per block when ``A`` is block diagonal
     with one block per tensor, but NOT exact CG on a coupled system (residuals lose orthogonality).
-    Kept for parity with the reference; prefer :func:`conjugate_gradient`.
+    Kept for parity with the reference; prefer :func:`conjugate_gradient`. Every tensor whose
+    denominator ``<p_i, (A p)_i>`` is ``<= 0`` (with ``p_i != 0``) counts as one negative-curvature
+    direction, handled as in :func:`conjugate_gradient` (``"truncate"`` drops the whole step). On a
+    coupled system such a denominator also occurs for SPD ``A`` (``(A p)_i`` contains the coupling
+    to the other tensors), so it proves indefiniteness only for block-diagonal ``A``; the
+    reference code steps on: ``"continue"``.
 
     Args:
         matvec: ``v -> A v`` on tuples shaped like ``b``.
         b: Right-hand side.
         max_iter: Maximum number of iterations (= matrix-vector products).
-        tol: Stop once the global ``||b - A x|| <= tol * ||b||``.
+        tol: Stop once the reported residual is ``<= tol * ||b||``.
+        on_negative_curvature: ``"truncate"``, ``"continue"`` or ``"raise"``.
+        check_residual: Report the true ``||b - A x||`` (one more product), not the recurrence.
         eps: Added to both denominators, as the reference does with 1e-12 (0 here: exact; a zero
             denominator makes that tensor's step 0 instead).
 
     Returns:
-        The solution tuple and a :class:`SolveInfo`. Its ``residual_norm`` is the norm of the
-        recurrence residual (no extra product); it equals ``||b - A x||`` only when ``A`` is block
-        diagonal, because per-tensor step sizes do not commute with a coupled ``A``.
+        The solution tuple and a :class:`SolveInfo`. Without ``check_residual`` its residual is the
+        norm of the per-tensor recurrence (``residual_is_true=False``): it equals ``||b - A x||``
+        only when ``A`` is block diagonal, because per-tensor steps do not commute with a coupled
+        ``A``.
 
     Raises:
         NonFiniteError: If ``b``, a residual or a step size becomes NaN/inf.
+        IndefiniteSystemError: With ``on_negative_curvature="raise"``, at the first negative
+            per-tensor denominator.
     """
-    name = "layerwise_conjugate_gradient"
-    b = _prepare(b, max_iter, tol, name)
-    with torch.no_grad():
-        x = [torch.zeros_like(t) for t in b]
-        r = [t.clone() for t in b]
-        p = [t.clone() for t in b]
-        scratch = [torch.empty_like(t) for t in b]
-        rr = _dots(b, b)
-        b_norm = math.sqrt(_finite_or_raise(rr.sum().item(), "||b||^2", name, 0))
-    threshold = tol * b_norm
-    residual = b_norm
-    iterations = 0
-
-    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-        den = den + eps
-        return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
-
-    while iterations < max_iter and residual > threshold:
-        ap = _matvec(matvec, tuple(p), b, name)
-        iterations += 1
-        with torch.no_grad():
-            alphas = ratio(rr, _dots(tuple(p), tuple(ap))).tolist()  # one host sync
-            for a in alphas:
-                _finite_or_raise(a, "step size alpha", name, iterations)
-            torch._foreach_copy_(scratch, p)
-            torch._foreach_mul_(scratch, alphas)
-            torch._foreach_add_(x, scratch)
-            torch._foreach_copy_(scratch, ap)
-            torch._foreach_mul_(scratch, alphas)
-            torch._foreach_sub_(r, scratch)
-            rr_new = _dots(tuple(r), tuple(r))
-            residual = math.sqrt(
-                _finite_or_raise(rr_new.sum().item(), "residual ||r||^2", name, iterations)
-            )
-            if residual <= threshold:
-                break
-            torch._foreach_mul_(p, ratio(rr_new, rr).tolist())
-            torch._foreach_add_(p, r)
-            rr = rr_new
-    return tuple(x), SolveInfo(iterations, residual, residual <= threshold)
+    return krylov_cg(
+        matvec,
+        b,
+        max_iter,
+        tol,
+        on_negative_curvature,
+        check_residual,
+        "layerwise_conjugate_gradient",
+        per_tensor=True,
+        eps=eps,
+    )
 
 
 def neumann_series(
-    matvec: MatVec, b: TensorTuple, max_iter: int = 5, tol: float = 0.0, alpha: float = 1.0
+    matvec: MatVec,
+    b: TensorTuple,
+    max_iter: int = 5,
+    tol: float = 0.0,
+    alpha: float | None = None,
+    power_iters: int = 10,
+    check_residual: bool = False,
 ) -> tuple[TensorTuple, SolveInfo]:
     """Truncated Neumann series ``x = alpha * sum_{k=0..max_iter} (I - alpha A)^k b``.
 
-    Converges to ``A^-1 b`` when the spectral radius of ``I - alpha A`` is below 1 (for SPD ``A``:
-    ``0 < alpha < 2 / lambda_max``). The residual of the partial sum through term ``k`` is
-    ``(I - alpha A)^(k+1) b``, so reporting the exact residual of the returned ``x`` costs one
-    matrix-vector product more than the series itself: ``max_iter + 1`` products in all.
+    Converges to ``A^-1 b`` iff the spectral radius of ``I - alpha A`` (on the eigenvectors present
+    in ``b``) is below 1; for SPD ``A``: ``0 < alpha < 2 / lambda_max``. ``power_iters`` Lanczos
+    steps from ``b`` (:func:`.lanczos_extremes`) estimate the extreme eigenvalues first. Ritz values
+    lie inside the spectrum, so a refusal below is certain, never a false alarm:
+
+    - ``lambda_min`` estimate ``<= 0``: ``A`` is not positive definite, no step size converges:
+      :class:`IndefiniteSystemError`.
+    - ``alpha`` given and ``|1 - alpha * theta| >= 1`` for an extreme Ritz value ``theta``: the
+      series diverges: ``ValueError``.
+
+    ``alpha=None`` uses ``alpha = 1 / lambda_max`` estimate. The optimal ``2 / (min + max)`` is not
+    used because Ritz values underestimate ``lambda_max``: with ``1 / theta_max`` the series still
+    converges as long as the true ``lambda_max < 2 theta_max`` (rate ``1 - lambda_min/theta_max``).
+
+    The residual of the partial sum through term ``k`` is ``(I - alpha A)^(k+1) b``, so reporting
+    the exact residual of the returned ``x`` costs one product more than the series itself.
 
     Args:
         matvec: ``v -> A v`` on tuples shaped like ``b``.
         b: Right-hand side.
         max_iter: Index of the last series term (``max_iter + 1`` terms).
         tol: Stop adding terms once ``||b - A x|| <= tol * ||b||``.
-        alpha: Step size (scales ``A``).
+        alpha: Step size; None estimates it.
+        power_iters: Lanczos steps of the eigenvalue estimate (0: no estimate and no check; only
+            with a given ``alpha``).
+        check_residual: Recompute ``||b - A x||`` directly at the end (one more product).
 
     Returns:
-        The solution tuple and a :class:`SolveInfo` (``iterations`` = terms after the first).
+        The solution tuple and a :class:`SolveInfo` (``iterations`` = terms after the first;
+        ``products`` include the estimate's and the residual's).
 
     Raises:
+        IndefiniteSystemError: If the smallest eigenvalue estimate is ``<= 0``.
+        ValueError: For ``alpha <= 0``, or a given ``alpha`` the estimate shows divergent.
         NonFiniteError: If ``b`` or a series term becomes NaN/inf.
     """
     name = "neumann_series"
-    b = _prepare(b, max_iter, tol, name)
-    if not alpha > 0:
+    b = prepare_rhs(b, max_iter, tol, name)
+    if alpha is not None and not alpha > 0:
         raise ValueError(f"{name}: alpha must be > 0, got {alpha}")
+    if power_iters < 0 or (alpha is None and power_iters == 0):
+        raise ValueError(f"{name}: power_iters must be >= 1 to estimate alpha, got {power_iters}")
+    with torch.no_grad():
+        b_norm = math.sqrt(finite_or_raise(tuple_dot(b, b).item(), "||b||^2", name, 0))
+    products = 0
+    if power_iters > 0 and b_norm > 0:
+        lam_min, lam_max, est = lanczos_extremes(matvec, b, steps=power_iters)
+        products += est.products
+        seen = (
+            f"Lanczos estimate from b ({est.steps} steps): lambda in [{lam_min:.4g}, {lam_max:.4g}]"
+        )
+        if lam_min <= 0:
+            raise IndefiniteSystemError(
+                f"{name}: {seen}; the smallest eigenvalue is <= 0, so A is not positive definite "
+                "and the spectral radius of I - alpha A is >= 1 for every alpha: the series cannot "
+                "converge. Use a PSD curvature (Gauss-Newton, Fisher), more damping, or solver "
+                "'cg' with on_negative_curvature='truncate'."
+            )
+        if alpha is None:
+            alpha = 1.0 / lam_max
+        elif max(abs(1 - alpha * lam_min), abs(1 - alpha * lam_max)) >= 1:
+            raise ValueError(
+                f"{name}: alpha = {alpha:.4g} makes the spectral radius of I - alpha A >= 1 "
+                f"({seen}), so the series diverges; use alpha < {2 / lam_max:.4g} or alpha=None."
+            )
+    alpha = 1.0 if alpha is None else alpha  # b = 0: any step gives x = 0
     with torch.no_grad():
         term = [t.clone() for t in b]  # (I - alpha A)^k b, also the residual of the sum up to k-1
         total = [t.clone() for t in b]
-        b_norm = math.sqrt(_finite_or_raise(tuple_dot(b, b).item(), "||b||^2", name, 0))
     threshold = tol * b_norm
     iterations = 0
     while True:
-        a_term = _matvec(matvec, tuple(term), b, name)
+        a_term = apply_matvec(matvec, tuple(term), b, name)
+        products += 1
         with torch.no_grad():
             torch._foreach_add_(term, a_term, alpha=-alpha)
             residual = math.sqrt(
-                _finite_or_raise(
+                finite_or_raise(
                     tuple_dot(tuple(term), tuple(term)).item(), "residual", name, iterations + 1
                 )
             )
@@ -301,7 +251,21 @@ def neumann_series(
         iterations += 1
     with torch.no_grad():
         torch._foreach_mul_(total, alpha)
-    return tuple(total), SolveInfo(iterations, residual, residual <= threshold)
+    x = tuple(total)
+    return x, finish_info(
+        matvec,
+        x,
+        b,
+        residual,
+        b_norm,
+        tol,
+        check_residual,
+        iterations=iterations,
+        products=products,
+        residual_is_true=True,
+        negative_curvature=0,
+        truncated=False,
+    )
 
 
 SOLVERS: dict[str, Callable[..., tuple[TensorTuple, SolveInfo]]] = {

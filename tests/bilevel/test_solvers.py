@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 
 from bissl_det.bilevel import (
+    IndefiniteSystemError,
     NonFiniteError,
     conjugate_gradient,
     get_solver,
+    lanczos_extremes,
     layerwise_conjugate_gradient,
     neumann_series,
+    true_residual,
     tuple_cosine,
     tuple_dot,
     tuple_norm,
@@ -36,12 +39,17 @@ def unflatten(vec, shapes=SHAPES):
     return tuple(out)
 
 
+def symmetric(eig, seed=0):
+    """Dense symmetric matrix ``Q diag(eig) Q^T`` with a random orthogonal ``Q``."""
+    eig = torch.as_tensor(eig, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eig), len(eig), generator=gen, dtype=torch.float64))
+    return q @ torch.diag(eig) @ q.T
+
+
 def random_spd(n, low=1.0, high=4.0, seed=0):
     """Dense SPD matrix with distinct eigenvalues spread over [low, high]."""
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    eig = torch.linspace(low, high, n, dtype=torch.float64)
-    return q @ torch.diag(eig) @ q.T
+    return symmetric(torch.linspace(low, high, n, dtype=torch.float64), seed)
 
 
 def block_diagonal_spd(shapes, seed=0):
@@ -49,36 +57,43 @@ def block_diagonal_spd(shapes, seed=0):
     return torch.block_diag(*blocks)
 
 
-def as_matvec(a, counter=None):
+def as_matvec(a, counter=None, shapes=SHAPES):
     """Matrix-vector product on tuples; the flattening lives in the test only."""
 
     def matvec(v):
         if counter is not None:
             counter.append(1)
-        return unflatten(a @ flatten(v))
+        return unflatten(a @ flatten(v), shapes)
 
     return matvec
 
 
-def random_tuple(seed=1, dtype=torch.float64):
+def random_tuple(seed=1, dtype=torch.float64, shapes=SHAPES):
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES)
+    return tuple(torch.randn(s, generator=gen, dtype=dtype) for s in shapes)
 
 
-def dense_cg(a, b, iters):
-    """Textbook CG in NumPy (x0 = 0) for comparing partial iterates."""
+def dense_cg_history(a, b, iters):
+    """Textbook CG in NumPy (x0 = 0, steps taken whatever the sign of p^T A p).
+
+    Returns the iterates ``[x_0, ..., x_iters]``, each direction's ``p^T A p`` and the residual
+    norms ``||b - A x_k||``.
+    """
     a, b = a.numpy(), b.numpy()
-    x = np.zeros_like(b)
-    r = b.copy()
+    x, r = np.zeros_like(b), b.copy()
     p = r.copy()
+    xs, curvatures = [x], []
     for _ in range(iters):
         ap = a @ p
+        curvatures.append(p @ ap)
         alpha = (r @ r) / (p @ ap)
         x = x + alpha * p
         r_new = r - alpha * ap
         p = r_new + (r_new @ r_new) / (r @ r) * p
         r = r_new
-    return x
+        xs.append(x)
+    residuals = [np.linalg.norm(b - a @ xk) for xk in xs]
+    return xs, curvatures, residuals
 
 
 def test_tuple_helpers_match_numpy():
@@ -102,14 +117,27 @@ def test_inner_products_accumulate_in_float32():
     assert tuple_dot(random_tuple(), random_tuple()).dtype == torch.float64
 
 
+def test_true_residual_matches_dense():
+    a, b, x = random_spd(DIM, seed=1), random_tuple(2), random_tuple(3)
+    calls = []
+    norm, rel = true_residual(as_matvec(a, calls), x, b)
+    expected = torch.linalg.norm(flatten(b) - a @ flatten(x)).item()
+    assert norm == pytest.approx(expected, rel=1e-12)
+    assert rel == pytest.approx(expected / flatten(b).norm().item(), rel=1e-12)
+    assert len(calls) == 1
+
+
 def test_cg_matches_linalg_solve():
     a = random_spd(DIM)
     b = random_tuple()
-    x, info = conjugate_gradient(as_matvec(a), b, max_iter=DIM)
+    calls = []
+    x, info = conjugate_gradient(as_matvec(a, calls), b, max_iter=DIM, check_residual=True)
     expected = torch.linalg.solve(a, flatten(b))
     torch.testing.assert_close(flatten(x), expected, rtol=1e-9, atol=1e-10)
     assert [t.shape for t in x] == [torch.Size(s) for s in SHAPES]
-    assert info.residual_norm < 1e-9
+    assert info.residual_norm < 1e-9 and info.rel_residual < 1e-9 and info.residual_is_true
+    assert info.negative_curvature == 0 and not info.truncated
+    assert info.products == len(calls) == info.iterations + 1  # + the checked residual
 
 
 @pytest.mark.parametrize("iters", [1, 2, 3, 5])
@@ -118,8 +146,9 @@ def test_cg_partial_iterates_equal_textbook_cg(iters):
     a = random_spd(DIM, low=0.5, high=20.0, seed=3)
     b = random_tuple(4)
     x, info = conjugate_gradient(as_matvec(a), b, max_iter=iters)
-    np.testing.assert_allclose(flatten(x).numpy(), dense_cg(a, flatten(b), iters), rtol=1e-10)
-    assert info.iterations == iters
+    xs, _, _ = dense_cg_history(a, flatten(b), iters)
+    np.testing.assert_allclose(flatten(x).numpy(), xs[-1], rtol=1e-10)
+    assert info.iterations == info.products == iters
     assert not info.converged  # tol = 0 only counts an exactly zero residual
 
 
@@ -130,11 +159,36 @@ def test_cg_converges_in_n_iterations():
     _, info = conjugate_gradient(as_matvec(a, calls), b, max_iter=3 * DIM, tol=1e-10)
     assert info.converged
     assert info.iterations <= DIM
-    assert len(calls) == info.iterations
+    assert len(calls) == info.iterations == info.products
     # Distinct eigenvalues and a generic b: two steps short of n cannot reach the tolerance.
     _, short = conjugate_gradient(as_matvec(a), b, max_iter=DIM - 2, tol=1e-10)
     assert not short.converged
     assert short.residual_norm > 1e-10 * tuple_norm(b).item()
+
+
+def test_cg_early_stop_at_the_right_iteration():
+    a = random_spd(DIM, low=0.5, high=20.0, seed=21)
+    b = random_tuple(22)
+    tol = 1e-3
+    _, _, residuals = dense_cg_history(a, flatten(b), DIM)
+    b_norm = flatten(b).norm().item()
+    first = next(k for k, r in enumerate(residuals) if r <= tol * b_norm)
+    assert 1 < first < DIM  # the tolerance is met part-way, not at once and not only at the end
+    calls = []
+    x, info = conjugate_gradient(as_matvec(a, calls), b, max_iter=DIM, tol=tol)
+    assert info.iterations == len(calls) == first
+    assert info.converged and info.rel_residual <= tol
+    true = torch.linalg.norm(flatten(b) - a @ flatten(x)).item()
+    assert info.residual_norm == pytest.approx(true, rel=1e-8)
+
+
+def test_cg_zero_rhs_needs_no_product():
+    zeros = tuple(torch.zeros(s, dtype=torch.float64) for s in SHAPES)
+    calls = []
+    x, info = conjugate_gradient(as_matvec(random_spd(DIM), calls), zeros, max_iter=5)
+    assert info.converged and info.iterations == 0 and info.products == 0 and not calls
+    assert info.rel_residual == 0.0
+    assert all((t == 0).all() for t in x)
 
 
 @pytest.mark.parametrize(
@@ -154,15 +208,86 @@ def test_residual_norm_is_true_residual(solver, coupled, iters):
     x, info = solver(as_matvec(a), b, max_iter=iters)
     true = torch.linalg.norm(flatten(b) - a @ flatten(x)).item()
     assert info.residual_norm == pytest.approx(true, rel=1e-7)
+    assert info.rel_residual == pytest.approx(true / flatten(b).norm().item(), rel=1e-7)
 
 
-def test_cg_early_stop_and_zero_rhs():
-    a = random_spd(DIM)
-    zeros = tuple(torch.zeros(s, dtype=torch.float64) for s in SHAPES)
-    calls = []
-    x, info = conjugate_gradient(as_matvec(a, calls), zeros, max_iter=5)
-    assert info.converged and info.iterations == 0 and not calls
-    assert all((t == 0).all() for t in x)
+# ------------------------------------------------------------------ negative curvature
+
+# One negative eigenvalue among positive ones: CG meets p^T A p < 0 only after a few steps.
+INDEFINITE_EIG = [-0.7, *np.linspace(0.5, 3.0, DIM - 1)]
+
+
+def _indefinite_problem():
+    a = symmetric(INDEFINITE_EIG, seed=31)
+    b = random_tuple(32)
+    _, curvatures, _ = dense_cg_history(a, flatten(b), DIM)
+    first_bad = next(k for k, c in enumerate(curvatures) if c <= 0) + 1  # 1-based iteration
+    return a, b, first_bad
+
+
+def test_truncated_cg_stops_before_the_first_negative_direction():
+    a, b, first_bad = _indefinite_problem()
+    assert first_bad >= 3  # test precondition: there is a nontrivial iterate before it
+    xs, _, residuals = dense_cg_history(a, flatten(b), first_bad)
+    x, info = conjugate_gradient(as_matvec(a), b, max_iter=DIM)
+    np.testing.assert_allclose(flatten(x).numpy(), xs[first_bad - 1], rtol=1e-10)
+    assert info.truncated and info.negative_curvature == 1 and not info.converged
+    assert info.iterations == info.products == first_bad
+    assert info.residual_norm == pytest.approx(residuals[first_bad - 1], rel=1e-8)
+    # A budget that ends before the bad direction never sees it.
+    _, short = conjugate_gradient(as_matvec(a), b, max_iter=first_bad - 1)
+    assert not short.truncated and short.negative_curvature == 0
+
+
+def test_truncated_cg_at_the_first_direction_returns_b():
+    a = symmetric([-2.0, -1.0, *np.linspace(0.5, 3.0, DIM - 2)], seed=33)
+    b = unflatten(torch.linalg.eigh(a).eigenvectors[:, 0] + 0.1 * flatten(random_tuple(34)))
+    assert (flatten(b) @ a @ flatten(b)).item() < 0  # p0 = b is a negative direction
+    x, info = conjugate_gradient(as_matvec(a), b, max_iter=5)
+    torch.testing.assert_close(flatten(x), flatten(b), rtol=0, atol=0)
+    assert info.truncated and info.iterations == 1 and info.negative_curvature == 1
+    assert info.residual_is_true
+    assert info.residual_norm == pytest.approx((flatten(b) - a @ flatten(b)).norm().item())
+
+
+def test_continue_is_the_paper_cg_and_counts_negative_directions():
+    a, b, _ = _indefinite_problem()
+    iters = DIM - 2
+    xs, curvatures, residuals = dense_cg_history(a, flatten(b), iters)
+    x, info = conjugate_gradient(as_matvec(a), b, max_iter=iters, on_negative_curvature="continue")
+    np.testing.assert_allclose(flatten(x).numpy(), xs[-1], rtol=1e-8)
+    assert info.negative_curvature == sum(c <= 0 for c in curvatures) >= 1
+    assert not info.truncated
+    assert info.residual_norm == pytest.approx(residuals[-1], rel=1e-6)
+
+
+def test_raise_on_negative_curvature():
+    a, b, first_bad = _indefinite_problem()
+    with pytest.raises(
+        IndefiniteSystemError, match=f"iteration {first_bad}.*not positive definite"
+    ):
+        conjugate_gradient(as_matvec(a), b, max_iter=DIM, on_negative_curvature="raise")
+    assert issubclass(IndefiniteSystemError, ValueError)
+
+
+def test_layerwise_cg_counts_negative_denominators_per_tensor():
+    # Block diagonal, the middle block negative definite: its denominator is < 0 every iteration.
+    blocks = [random_spd(math.prod(s), seed=40 + i) for i, s in enumerate(SHAPES)]
+    blocks[1] = -blocks[1]
+    a = torch.block_diag(*blocks)
+    b = random_tuple(41)
+    _, info = layerwise_conjugate_gradient(
+        as_matvec(a), b, max_iter=3, on_negative_curvature="continue"
+    )
+    assert info.negative_curvature == 3 and not info.truncated
+    x, info = layerwise_conjugate_gradient(as_matvec(a), b, max_iter=3)
+    torch.testing.assert_close(flatten(x), flatten(b), rtol=0, atol=0)
+    assert info.truncated and info.negative_curvature == 1 and info.iterations == 1
+    with pytest.raises(IndefiniteSystemError, match="layerwise"):
+        layerwise_conjugate_gradient(as_matvec(a), b, on_negative_curvature="raise")
+
+
+# ------------------------------------------------------------------ layer-wise CG
 
 
 def test_layerwise_cg_exact_per_block_on_block_diagonal_system():
@@ -172,6 +297,29 @@ def test_layerwise_cg_exact_per_block_on_block_diagonal_system():
     expected = torch.linalg.solve(a, flatten(b))
     torch.testing.assert_close(flatten(x), expected, rtol=1e-9, atol=1e-10)
     assert info.residual_norm < 1e-9
+
+
+def test_layerwise_cg_recurrence_residual_is_labelled_and_check_gives_true_one():
+    a = random_spd(DIM, low=0.5, high=5.0, seed=13)  # coupled: off-diagonal blocks nonzero
+    b = random_tuple(14)
+    x, info = layerwise_conjugate_gradient(
+        as_matvec(a), b, max_iter=6, on_negative_curvature="continue"
+    )
+    true = torch.linalg.norm(flatten(b) - a @ flatten(x)).item()
+    assert not info.residual_is_true
+    assert info.residual_norm < 0.5 * true  # the recurrence claims far more progress than made
+    calls = []
+    x2, checked = layerwise_conjugate_gradient(
+        as_matvec(a, calls), b, max_iter=6, on_negative_curvature="continue", check_residual=True
+    )
+    torch.testing.assert_close(x2, x)
+    assert checked.residual_is_true and checked.residual_norm == pytest.approx(true, rel=1e-10)
+    assert checked.products == len(calls) == 7
+    # A is SPD, yet a per-tensor denominator <p_i, (A p)_i> turns negative (iteration 4 here):
+    # the coupling to the other tensors. It is counted, and "truncate" stops before it.
+    assert info.negative_curvature == 1
+    xs = [layerwise_conjugate_gradient(as_matvec(a), b, max_iter=k)[0] for k in (3, 6)]
+    torch.testing.assert_close(xs[1], xs[0])
 
 
 def test_layerwise_cg_is_blockwise_textbook_cg_and_differs_from_exact_cg():
@@ -201,22 +349,69 @@ def test_layerwise_cg_is_blockwise_textbook_cg_and_differs_from_exact_cg():
     assert not torch.allclose(flatten(x_lw), flatten(x_cg), rtol=1e-3)
 
 
-def test_neumann_partial_sum_and_convergence():
+# ------------------------------------------------------------------ Neumann
+
+
+def test_neumann_partial_sum_with_given_alpha():
     a = random_spd(DIM, low=1.0, high=4.0, seed=15)
     b = random_tuple(16)
     alpha = 0.25  # spectral radius of I - alpha A is 0.75
     calls = []
-    x, info = neumann_series(as_matvec(a, calls), b, max_iter=3, alpha=alpha)
+    x, info = neumann_series(as_matvec(a, calls), b, max_iter=3, alpha=alpha, power_iters=0)
     m = torch.eye(DIM, dtype=torch.float64) - alpha * a
     bf = flatten(b)
     expected = alpha * sum(torch.linalg.matrix_power(m, k) @ bf for k in range(4))
     torch.testing.assert_close(flatten(x), expected, rtol=1e-12, atol=1e-12)
-    assert info.iterations == 3 and len(calls) == 4  # one extra product for the residual
+    assert info.iterations == 3 and len(calls) == info.products == 4  # + 1 for the residual
+    # The default divergence check costs power_iters products more and changes nothing else.
+    x_checked, checked = neumann_series(as_matvec(a), b, max_iter=3, alpha=alpha)
+    torch.testing.assert_close(x_checked, x)
+    assert checked.products == 4 + 10
 
-    x, info = neumann_series(as_matvec(a), b, max_iter=200, alpha=alpha)
-    torch.testing.assert_close(flatten(x), torch.linalg.solve(a, bf), rtol=1e-9, atol=1e-10)
-    _, early = neumann_series(as_matvec(a), b, max_iter=200, alpha=alpha, tol=1e-6)
-    assert early.converged and early.iterations < 60
+
+def test_neumann_estimates_a_convergent_step():
+    a = random_spd(DIM, low=1.0, high=4.0, seed=15)
+    b = random_tuple(16)
+    x, info = neumann_series(as_matvec(a), b, max_iter=400, tol=1e-10)
+    torch.testing.assert_close(flatten(x), torch.linalg.solve(a, flatten(b)), rtol=1e-8, atol=1e-9)
+    assert info.converged and info.rel_residual <= 1e-10
+    # alpha = 1 / lambda_max estimate: rate 1 - lambda_min / lambda_max = 0.75 per term.
+    assert info.iterations < math.log(1e-10) / math.log(0.75) + 10
+    # The same system at the paper's fixed step alpha = 1 diverges: the check refuses it.
+    with pytest.raises(ValueError, match=r"alpha = 1 .*diverges.*alpha < 0\.5"):
+        neumann_series(as_matvec(a), b, alpha=1.0)
+
+
+def test_neumann_refuses_an_indefinite_operator():
+    a = symmetric(INDEFINITE_EIG, seed=31)
+    with pytest.raises(
+        IndefiniteSystemError, match=r"smallest eigenvalue is <= 0.*cannot converge"
+    ):
+        neumann_series(as_matvec(a), random_tuple(32), power_iters=DIM)
+    with pytest.raises(IndefiniteSystemError, match="lambda in \\[-0.7"):
+        neumann_series(as_matvec(a), random_tuple(32), alpha=0.1, power_iters=DIM)
+
+
+# ------------------------------------------------------------------ shared behaviour
+
+
+def test_lanczos_extremes_close_to_eigvalsh():
+    shapes = [(10, 5), (30,), (4, 4)]  # 96 unknowns, 12 steps
+    n = sum(math.prod(s) for s in shapes)
+    a = symmetric(torch.linspace(-3.0, 8.0, n), seed=51)
+    v0 = random_tuple(52, shapes=shapes)
+    calls = []
+    lo, hi, info = lanczos_extremes(as_matvec(a, calls, shapes), v0, steps=12)
+    eig = torch.linalg.eigvalsh(a)
+    assert info.products == len(calls) == info.steps == 12 and not info.invariant
+    assert eig[0].item() <= lo < eig[0].item() + 0.1 * (eig[-1] - eig[0]).item()
+    assert eig[-1].item() - 0.1 * (eig[-1] - eig[0]).item() < hi <= eig[-1].item()
+    # Each extreme Ritz value has an eigenvalue within its residual.
+    assert (eig - lo).abs().min().item() <= info.residual_min
+    assert (eig - hi).abs().min().item() <= info.residual_max
+    lo_n, hi_n, full = lanczos_extremes(as_matvec(a, shapes=shapes), v0, steps=n)
+    assert lo_n == pytest.approx(eig[0].item(), abs=1e-8)
+    assert hi_n == pytest.approx(eig[-1].item(), abs=1e-8)
 
 
 @pytest.mark.parametrize("name", ["cg", "layerwise_cg", "neumann"])
@@ -245,15 +440,22 @@ def test_solvers_reject_bad_input():
         conjugate_gradient(lambda v: v[:2], random_tuple(), max_iter=2)
     with pytest.raises(ValueError, match="max_iter"):
         conjugate_gradient(as_matvec(a), random_tuple(), max_iter=-1)
+    with pytest.raises(ValueError, match="on_negative_curvature must be one of"):
+        conjugate_gradient(as_matvec(a), random_tuple(), on_negative_curvature="ignore")
     with pytest.raises(ValueError, match="alpha"):
         neumann_series(as_matvec(a), random_tuple(), alpha=0.0)
+    with pytest.raises(ValueError, match="power_iters"):
+        neumann_series(as_matvec(a), random_tuple(), power_iters=0)
 
 
-def test_float32_solve_keeps_dtype():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["cg", "layerwise_cg", "neumann"])
+def test_solve_keeps_dtype(dtype, name):
     a = random_spd(DIM, seed=17)
-    b = random_tuple(18, dtype=torch.float32)
-    x, _ = conjugate_gradient(as_matvec(a.float()), b, max_iter=DIM)
-    assert all(t.dtype == torch.float32 for t in x)
-    torch.testing.assert_close(
-        flatten(x).double(), torch.linalg.solve(a, flatten(b).double()), rtol=1e-4, atol=1e-5
-    )
+    b = random_tuple(18, dtype=dtype)
+    x, _ = get_solver(name)(as_matvec(a.to(dtype)), b, max_iter=DIM)
+    assert all(t.dtype == dtype for t in x)
+    if name == "cg":
+        tight = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+        expected = torch.linalg.solve(a, flatten(b).double())
+        torch.testing.assert_close(flatten(x).double(), expected, **tight)

@@ -1,0 +1,312 @@
+"""Lanczos on tuples of tensors: extreme-eigenvalue estimates and a stage-level solver.
+
+Within one BiSSL stage the damped operator ``A`` is fixed while several upper steps solve
+``A x = b`` for nearly orthogonal right-hand sides. :class:`LanczosBasis` spends its products once
+(``size`` of them) and then answers every right-hand side from the stored Ritz pairs without any
+product, optionally polishing with a few preconditioned CG iterations. :func:`lanczos_extremes`
+is the cheap three-term version that only estimates the spectrum's ends (is ``A`` definite?).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .krylov import (
+    MatVec,
+    SolveInfo,
+    TensorTuple,
+    accumulation_dtype,
+    apply_matvec,
+    check_mode,
+    check_pair,
+    finish_info,
+    finite_or_raise,
+    indefinite_error,
+    krylov_cg,
+    prepare_rhs,
+    tuple_dot,
+    tuple_norm,
+)
+
+__all__ = ["LanczosBasis", "RitzInfo", "lanczos_extremes"]
+
+
+@dataclass
+class RitzInfo:
+    """What an extreme-eigenvalue estimate did.
+
+    Attributes:
+        steps: Lanczos steps run (fewer than asked if the Krylov space became invariant).
+        products: Matrix-vector products used (= ``steps``).
+        ritz_values: All Ritz values, ascending; they lie inside ``[lambda_min, lambda_max]``.
+        residual_min: ``||A u - theta u||`` of the smallest Ritz pair: ``A`` has an eigenvalue
+            within this distance of ``lam_min``.
+        residual_max: The same for the largest Ritz pair.
+        invariant: Whether the Krylov space of ``v0`` became invariant (Ritz values exact).
+    """
+
+    steps: int
+    products: int
+    ritz_values: tuple[float, ...]
+    residual_min: float
+    residual_max: float
+    invariant: bool
+
+
+def _lanczos(
+    matvec: MatVec, v0: TensorTuple, steps: int, basis: list[list[torch.Tensor]] | None, name: str
+) -> tuple[list[float], list[float], bool]:
+    """Up to ``steps`` Lanczos steps from ``v0``.
+
+    Returns the diagonal ``alphas`` and the couplings ``betas`` of the tridiagonal ``T`` (the last
+    beta couples to the next, unstored vector) and whether the Krylov space became invariant. With
+    a ``basis`` list, each orthonormal vector is appended to it and every new vector is
+    re-orthogonalised against all of them (classical Gram-Schmidt twice, which is enough); without
+    one only three vectors are alive (plain recurrence: the extreme Ritz values still converge).
+    """
+    if steps < 1:
+        raise ValueError(f"{name}: the number of Lanczos steps must be >= 1, got {steps}")
+    if len(v0) == 0:
+        raise ValueError(f"{name}: v0 is an empty tuple")
+    v0 = tuple(t.detach() for t in v0)
+    alphas: list[float] = []
+    betas: list[float] = []
+    with torch.no_grad():
+        norm = finite_or_raise(tuple_norm(v0).item(), "||v0||", name, 0)
+        if norm == 0:
+            raise ValueError(f"{name}: the start vector v0 is zero")
+        q, q_prev = torch._foreach_div(list(v0), norm), None
+        tiny = (
+            100 * torch.finfo(accumulation_dtype(v0[0])).eps
+        )  # relative size of a beta that means "invariant"
+        scale = 0.0
+        for step in range(1, steps + 1):
+            if basis is not None:
+                basis.append(q)
+            aq = apply_matvec(matvec, tuple(q), v0, name)
+            alpha = finite_or_raise(tuple_dot(tuple(q), tuple(aq)).item(), "alpha", name, step)
+            w = torch._foreach_add(aq, q, alpha=-alpha)
+            if q_prev is not None:
+                torch._foreach_add_(w, q_prev, alpha=-betas[-1])
+            for _ in range(2 if basis is not None else 0):
+                coeffs = torch.stack([tuple_dot(tuple(v), tuple(w)) for v in basis]).tolist()
+                for v, c in zip(basis, coeffs, strict=True):
+                    torch._foreach_add_(w, v, alpha=-c)
+            beta = finite_or_raise(tuple_norm(tuple(w)).item(), "beta", name, step)
+            scale = max(scale, abs(alpha) + beta + (betas[-1] if betas else 0.0))
+            alphas.append(alpha)
+            betas.append(beta)
+            if beta <= tiny * scale:
+                return alphas, betas, True
+            if step < steps:
+                q_prev, q = q, torch._foreach_div(w, beta)
+    return alphas, betas, False
+
+
+def _ritz(
+    alphas: list[float], betas: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``T`` (float64, CPU), its eigenvalues (ascending) and eigenvectors."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    off = torch.tensor(betas[:-1], dtype=torch.float64)
+    t += torch.diag(off, 1) + torch.diag(off, -1)
+    theta, s = torch.linalg.eigh(t)
+    return t, theta, s
+
+
+def lanczos_extremes(
+    matvec: MatVec, v0: TensorTuple, steps: int = 10
+) -> tuple[float, float, RitzInfo]:
+    """Estimate the smallest and largest eigenvalue of symmetric ``A`` from ``steps`` products.
+
+    The Ritz values of the Krylov space of ``v0`` lie inside the spectrum and its ends converge
+    first; ``lam_min <= 0`` already proves that ``A`` is not positive definite (on the part of the
+    space ``v0`` reaches). Memory: three tuples shaped like ``v0``.
+
+    Args:
+        matvec: ``v -> A v`` on tuples shaped like ``v0``.
+        v0: Start vector (nonzero), e.g. the right-hand side of the system to solve.
+        steps: Lanczos steps (= products).
+
+    Returns:
+        ``(lam_min, lam_max, info)``.
+
+    Raises:
+        ValueError: For ``steps < 1`` or a zero ``v0``.
+        NonFiniteError: If a product or coefficient is NaN/inf.
+    """
+    alphas, betas, invariant = _lanczos(matvec, v0, steps, None, "lanczos_extremes")
+    _, theta, s = _ritz(alphas, betas)
+    bounds = (betas[-1] * s[-1].abs()).tolist()  # ||A u_i - theta_i u_i|| = beta_m |s_{m,i}|
+    info = RitzInfo(
+        len(alphas), len(alphas), tuple(theta.tolist()), bounds[0], bounds[-1], invariant
+    )
+    return theta[0].item(), theta[-1].item(), info
+
+
+class LanczosBasis:
+    """An orthonormal Krylov basis of a fixed operator, built once and reused for many solves.
+
+    ``build`` runs ``size`` Lanczos steps with full re-orthogonalisation and keeps the basis ``V``
+    and the tridiagonal ``T = V^T A V`` with its Ritz pairs ``(theta_i, s_i)``; the Ritz vectors of
+    ``A`` are ``U = V S``. Memory: ``size`` copies of the parameter tuple (plus two work tuples
+    while building), held until :meth:`release`.
+
+    Attributes:
+        products: Matrix-vector products the build used.
+    """
+
+    def __init__(
+        self,
+        matvec: MatVec,
+        vectors: list[list[torch.Tensor]],
+        alphas: list[float],
+        betas: list[float],
+    ) -> None:
+        self._matvec: MatVec | None = matvec
+        self._vectors = vectors
+        self._t, self._theta, self._s = _ritz(alphas, betas)
+        self._beta_next = betas[-1]  # A V = V T + beta_next q_next e_m^T
+        self.products = len(alphas)
+
+    @classmethod
+    def build(cls, matvec: MatVec, v0: TensorTuple, size: int) -> LanczosBasis:
+        """Run ``size`` Lanczos steps from ``v0`` (fewer if its Krylov space is invariant sooner).
+
+        Args:
+            matvec: ``v -> A v`` (``A`` symmetric), kept for the solves' CG corrections.
+            v0: Nonzero start vector, e.g. the stage's first right-hand side.
+            size: Basis size (= products); 5..20 is typical.
+        """
+        vectors: list[list[torch.Tensor]] = []
+        alphas, betas, _ = _lanczos(matvec, v0, size, vectors, "LanczosBasis.build")
+        return cls(matvec, vectors, alphas, betas)
+
+    @property
+    def size(self) -> int:
+        """Number of basis vectors."""
+        return self._t.shape[0]
+
+    @property
+    def ritz_values(self) -> torch.Tensor:
+        """Ritz values of ``A`` (float64, CPU, ascending); still available after release."""
+        return self._theta.clone()
+
+    def release(self) -> None:
+        """Free the basis vectors and the operator (the end of a stage); solves then raise."""
+        self._vectors = []
+        self._matvec = None
+
+    def solve(
+        self,
+        b: TensorTuple,
+        max_iter: int = 0,
+        tol: float = 0.0,
+        on_negative_curvature: str = "truncate",
+        check_residual: bool = False,
+    ) -> tuple[TensorTuple, SolveInfo]:
+        """Solve ``A x = b`` with the low-rank inverse, then optionally ``max_iter`` PCG steps.
+
+        ``x0 = P b`` with ``P = I + U diag(1/theta_i - 1) U^T``: ``A^-1`` on the Ritz space, the
+        identity outside it. It is exact when ``b`` lies in an invariant ``span(V)``, and for ``b =
+        v0`` it is the CG iterate after ``size`` steps. Ritz values ``<= 0`` are negative curvature
+        (counted); ``"truncate"`` drops those directions (``P`` acts as the identity there),
+        ``"continue"`` inverts them as they are, ``"raise"`` raises.
+
+        ``max_iter > 0`` continues with CG preconditioned by ``M^-1 = P``, started at ``x0``
+        (``1 + max_iter`` products). Chosen over deflated CG because deflation needs ``A V``
+        exactly (the Lanczos relation gives it only up to the ``beta q_next`` term) while ``P``
+        needs nothing beyond the stored basis and is SPD whenever the used ``theta_i > 0`` (its
+        eigenvalues are ``1/theta_i`` and 1), so PCG keeps its monotone energy-norm decrease,
+        and ``P A`` is ~ I on converged Ritz directions: those are effectively deflated.
+
+        Args:
+            b: Right-hand side, shaped like the basis vectors.
+            max_iter: PCG correction iterations (0: the basis answer alone, no product).
+            tol: Stop the corrections once the residual is ``<= tol * ||b||``.
+            on_negative_curvature: ``"truncate"``, ``"continue"`` or ``"raise"``, for Ritz values
+                and for the PCG directions alike.
+            check_residual: Report the true ``||b - A x||`` (one more product).
+
+        Returns:
+            ``x`` and a :class:`SolveInfo` (``products`` of this solve only; the build's are in
+            :attr:`products`). With ``max_iter = 0`` the residual is an estimate
+            (``residual_is_true=False``): exact for the part of ``b`` in ``span(V)`` through the
+            Lanczos relation, assuming ``A = I`` on the rest. With ``max_iter > 0`` it is PCG's
+            recurrence started from the true ``b - A x0``.
+
+        Raises:
+            RuntimeError: After :meth:`release`.
+            IndefiniteSystemError: With ``"raise"``, if a Ritz value or PCG direction is ``<= 0``.
+            NonFiniteError: For NaN/inf (a zero Ritz value with ``"continue"``).
+        """
+        name = "LanczosBasis.solve"
+        check_mode(on_negative_curvature, name)
+        if self._matvec is None:
+            raise RuntimeError(f"{name}: the basis was released")
+        b = prepare_rhs(b, max_iter, tol, name)
+        try:
+            check_pair(b, tuple(self._vectors[0]))
+        except ValueError as e:
+            raise ValueError(f"{name}: b does not match the basis vectors: {e}") from None
+        bent = self._theta <= 0
+        negative = int(bent.sum())
+        if negative and on_negative_curvature == "raise":
+            raise indefinite_error(
+                name, f"{negative} Ritz value(s) <= 0, smallest {self._theta[0]:.4g}"
+            )
+        with torch.no_grad():
+            gains = 1.0 / self._theta - 1.0
+            if on_negative_curvature == "truncate":
+                gains = torch.where(bent, 0.0, gains)
+            finite_or_raise(gains.abs().max().item(), "1/theta - 1 (a Ritz value is 0)", name, 0)
+            g = self._s @ torch.diag(gains) @ self._s.T  # P = I + V g V^T
+
+            def coefficients(r: TensorTuple) -> torch.Tensor:
+                dots = torch.stack([tuple_dot(tuple(v), r) for v in self._vectors])
+                return dots.to("cpu", torch.float64)
+
+            def add_basis(r: TensorTuple, y: torch.Tensor) -> TensorTuple:
+                out = [t.clone() for t in r]
+                for v, yi in zip(self._vectors, y.tolist(), strict=True):
+                    torch._foreach_add_(out, v, alpha=yi)
+                return tuple(out)
+
+            def inverse(r: TensorTuple) -> TensorTuple:
+                return add_basis(r, g @ coefficients(r))
+
+            c = coefficients(b)
+            x = add_basis(b, g @ c)
+            b_norm = math.sqrt(finite_or_raise(tuple_dot(b, b).item(), "||b||^2", name, 0))
+        truncated = negative > 0 and on_negative_curvature == "truncate"
+        if max_iter > 0:
+            x, info = krylov_cg(
+                self._matvec, b, max_iter, tol, on_negative_curvature, check_residual, name,
+                preconditioner=inverse, x0=x,
+            )  # fmt: skip
+            return x, dataclasses.replace(
+                info,
+                negative_curvature=info.negative_curvature + negative,
+                truncated=info.truncated or truncated,
+            )
+        w = c + g @ c  # V^T x (x - V w is the part of b outside span(V))
+        in_basis = c - self._t @ w
+        estimate = math.hypot(in_basis.norm().item(), self._beta_next * w[-1].item())
+        return x, finish_info(
+            self._matvec,
+            x,
+            b,
+            estimate,
+            b_norm,
+            tol,
+            check_residual,
+            iterations=0,
+            products=0,
+            residual_is_true=False,
+            negative_curvature=negative,
+            truncated=truncated,
+        )
