@@ -1,0 +1,316 @@
+"""Statistics of registered detection data sets, and config settings that fit them.
+
+:func:`collect_split` reads a registered split (detectron2 dataset dicts) into arrays;
+:func:`split_statistics` summarises it (images, boxes per image, box sizes at the original size and
+after the config's resize, aspect ratios, classes, image sizes); :func:`suggest_settings` turns
+the training splits into anchor, input-size and detections-per-image settings. Every rule is a
+function of percentiles, stated in the suggestion's ``reason``.
+
+Box size is ``sqrt(width * height)`` in pixels; aspect ratio is ``height / width`` (Detectron2's
+``ANCHOR_GENERATOR.ASPECT_RATIOS`` convention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from detectron2.structures import BoxMode
+
+PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+# Boxes smaller than this (p5, at training scale) cover less than one cell of the feature map
+# the RPN sees: one res4 cell (stride 16) for C4, two P2 cells (stride 4) for FPN.
+MIN_OBJECT_PX = {"C4": 16.0, "FPN": 8.0}
+# Sampled min sizes of a "range" MIN_SIZE_TRAIN (it is uniform between its two ends).
+RANGE_GRID = 5
+DETECTIONS_MARGIN = 2.0  # DETECTIONS_PER_IMAGE >= this x the most boxes in one image
+PROPOSALS_PER_OBJECT = 10  # POST_NMS_TOPK_TEST >= this x the most boxes in one image
+POSITIVE_ROIS_PER_OBJECT = 4  # sampled foreground RoIs per object in a dense (p95) image
+
+
+@dataclass
+class SplitBoxes:
+    """One split as arrays: per image (height, width, box count), per box (w, h, class, image)."""
+
+    name: str
+    image_hw: np.ndarray  # (images, 2) original height, width
+    box_wh: np.ndarray  # (boxes, 2) width, height in original pixels
+    box_image: np.ndarray  # (boxes,) index of each box's image
+    box_class: np.ndarray  # (boxes,) category id
+    class_names: list[str]
+
+    @property
+    def boxes_per_image(self) -> np.ndarray:
+        return np.bincount(self.box_image, minlength=len(self.image_hw))
+
+
+def collect_split(name: str) -> SplitBoxes:
+    """Load registered split ``name`` (DatasetCatalog) into :class:`SplitBoxes`.
+
+    Crowd annotations (``iscrowd`` 1) are left out, as Detectron2's training mapper does.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    dicts = DatasetCatalog.get(name)
+    hw, wh, image_index, classes = [], [], [], []
+    for i, record in enumerate(dicts):
+        hw.append((record["height"], record["width"]))
+        for ann in record.get("annotations", []):
+            if ann.get("iscrowd", 0):
+                continue
+            x0, y0, x1, y1 = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
+            wh.append((x1 - x0, y1 - y0))
+            image_index.append(i)
+            classes.append(ann["category_id"])
+    names = list(MetadataCatalog.get(name).get("thing_classes", []))
+    return SplitBoxes(
+        name=name,
+        image_hw=np.asarray(hw, dtype=np.float64).reshape(-1, 2),
+        box_wh=np.asarray(wh, dtype=np.float64).reshape(-1, 2),
+        box_image=np.asarray(image_index, dtype=np.int64),
+        box_class=np.asarray(classes, dtype=np.int64),
+        class_names=names,
+    )
+
+
+def resize_scales(
+    image_hw: np.ndarray, min_sizes, max_size: int, sampling: str = "choice"
+) -> np.ndarray:
+    """Scale factors of ResizeShortestEdge, shape (images, candidates), one per short side.
+
+    ``sampling`` "choice": each of ``min_sizes`` equally likely; "range": ``RANGE_GRID`` short
+    sides evenly spaced between the two ends. ``max_size`` <= 0 means no cap on the long side.
+    """
+    min_sizes = [float(s) for s in np.atleast_1d(min_sizes)]
+    if sampling == "range":
+        if len(min_sizes) != 2:
+            raise ValueError(f"MIN_SIZE_TRAIN_SAMPLING range needs two sizes, got {min_sizes}")
+        min_sizes = list(np.linspace(min_sizes[0], min_sizes[1], RANGE_GRID))
+    elif sampling != "choice":
+        raise ValueError(f"MIN_SIZE_TRAIN_SAMPLING = {sampling!r}: expected 'choice' or 'range'")
+    short, long = image_hw.min(axis=1, keepdims=True), image_hw.max(axis=1, keepdims=True)
+    scales = np.asarray(min_sizes)[None, :] / short
+    if max_size > 0:
+        scales = np.minimum(scales, max_size / long)
+    return scales
+
+
+def percentiles(values: np.ndarray) -> dict[str, float]:
+    """min, p1..p99 (PERCENTILES), max and mean of ``values``; empty dict when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {}
+    out = {"min": float(values.min())}
+    values_at = np.percentile(values, PERCENTILES)
+    out.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, values_at, strict=True)})
+    out.update({"max": float(values.max()), "mean": float(values.mean())})
+    return out
+
+
+def box_sizes_at_scale(split: SplitBoxes, scales: np.ndarray) -> np.ndarray:
+    """sqrt(area) of every box under every candidate scale of its image, flattened."""
+    size = np.sqrt(split.box_wh.prod(axis=1))
+    return (size[:, None] * scales[split.box_image]).ravel()
+
+
+def split_statistics(split: SplitBoxes, cfg) -> dict[str, Any]:
+    """The JSON statistics of one split under ``cfg``'s INPUT resize settings."""
+    inp = cfg.INPUT
+    train_scales = resize_scales(
+        split.image_hw, inp.MIN_SIZE_TRAIN, inp.MAX_SIZE_TRAIN, inp.MIN_SIZE_TRAIN_SAMPLING
+    )
+    test_scales = resize_scales(split.image_hw, inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST)
+    counts = Counter(int(c) for c in split.box_class)
+    names = split.class_names
+    wh = split.box_wh
+    per_image = split.boxes_per_image
+    sizes = Counter(f"{int(w)}x{int(h)}" for h, w in split.image_hw)
+    return {
+        "images": len(split.image_hw),
+        "images_without_boxes": int((per_image == 0).sum()),
+        "boxes": len(wh),
+        "boxes_per_image": percentiles(per_image),
+        "box_sqrt_area_px": {
+            "original": percentiles(np.sqrt(wh.prod(axis=1))),
+            "train_resize": percentiles(box_sizes_at_scale(split, train_scales)),
+            "test_resize": percentiles(box_sizes_at_scale(split, test_scales)),
+        },
+        "aspect_ratio_h_over_w": percentiles(wh[:, 1] / wh[:, 0]) if len(wh) else {},
+        "class_counts": {
+            (names[c] if 0 <= c < len(names) else str(c)): counts[c] for c in sorted(counts)
+        },
+        "image_height_px": percentiles(split.image_hw[:, 0]),
+        "image_width_px": percentiles(split.image_hw[:, 1]),
+        "most_common_image_sizes_wxh": dict(sizes.most_common(5)),
+    }
+
+
+@dataclass
+class Suggestion:
+    """One config setting: the suggested value, the config's current one, and why."""
+
+    key: str
+    value: Any
+    current: Any
+    reason: str
+
+    @property
+    def changes(self) -> bool:
+        return _plain(self.value) != _plain(self.current)
+
+
+def _plain(value):
+    """Tuples and lists compare equal (yacs stores either)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def nearest_power_of_two(x: float) -> int:
+    """2**k closest to ``x`` on a log scale: ``x`` is within a factor sqrt(2) of it."""
+    return 2 ** round(math.log2(x))
+
+
+def is_fpn(cfg) -> bool:
+    """Several RPN input features (p2..p6) mean FPN: one anchor size per level."""
+    return len(cfg.MODEL.RPN.IN_FEATURES) > 1
+
+
+def _round_up(x: float, step: int) -> int:
+    return int(math.ceil(x / step) * step)
+
+
+def _next_power_of_two(x: float) -> int:
+    return 2 ** math.ceil(math.log2(max(x, 1.0)))
+
+
+def suggest_settings(train: list[SplitBoxes], all_splits: list[SplitBoxes], cfg) -> list:
+    """Settings that fit the data: anchors, input size, detections and RoIs per image.
+
+    Anchors, aspect ratios and input sizes fit the boxes of the training splits at training
+    scale; detection and proposal counts fit the densest image of any split. Counts never go
+    below the config's current value (a suggestion only raises them).
+    """
+    if not train or not sum(len(s.box_wh) for s in train):
+        raise ValueError("no boxes in the training splits: nothing to fit anchors to")
+    inp, rpn, roi = cfg.INPUT, cfg.MODEL.RPN, cfg.MODEL.ROI_HEADS
+    arch = "FPN" if is_fpn(cfg) else "C4"
+
+    def train_sizes(min_sizes, max_size) -> np.ndarray:
+        sampling = inp.MIN_SIZE_TRAIN_SAMPLING
+        return np.concatenate(
+            [box_sizes_at_scale(s, resize_scales(s.image_hw, min_sizes, max_size, sampling))
+             for s in train]
+        )  # fmt: skip
+
+    out = []
+    # Input size first (small objects), then anchors fitted to the boxes at the new size.
+    p5 = float(np.percentile(train_sizes(inp.MIN_SIZE_TRAIN, inp.MAX_SIZE_TRAIN), 5))
+    factor = max(1.0, MIN_OBJECT_PX[arch] / p5)
+    why = (
+        f"5% of training boxes are smaller than {p5:.1f} px at training scale; {arch} needs "
+        f">= {MIN_OBJECT_PX[arch]:.0f} px"
+    )
+    why += f": upscale x{factor:.2f}" if factor > 1 else ": no upscaling needed"
+    scaled = {
+        key: inp[key] if factor == 1 else _round_up(inp[key] * factor, 8)
+        for key in ("MIN_SIZE_TEST", "MAX_SIZE_TRAIN", "MAX_SIZE_TEST")
+    }
+    min_train = tuple(inp.MIN_SIZE_TRAIN)
+    if factor > 1:
+        min_train = tuple(_round_up(m * factor, 8) for m in inp.MIN_SIZE_TRAIN)
+    out.append(Suggestion("INPUT.MIN_SIZE_TRAIN", min_train, inp.MIN_SIZE_TRAIN, why))
+    for key, value in scaled.items():
+        reason = why if key == "MIN_SIZE_TEST" else f"scaled like MIN_SIZE_TRAIN (x{factor:.2f})"
+        out.append(Suggestion(f"INPUT.{key}", value, inp[key], reason))
+    p1, p99 = np.percentile(train_sizes(min_train, scaled["MAX_SIZE_TRAIN"]), (1, 99))
+
+    lo, hi = nearest_power_of_two(p1), nearest_power_of_two(p99)
+    if arch == "C4":
+        anchor_sizes = [[2**k for k in range(int(math.log2(lo)), int(math.log2(hi)) + 1)]]
+        why = f"powers of 2 within x1.41 of every box size p1..p99 = {p1:.1f}..{p99:.1f} px"
+    else:
+        levels = len(rpn.IN_FEATURES)
+        start = max(lo, 8)
+        anchor_sizes = [[start * 2**k] for k in range(levels)]
+        why = f"one size per FPN level ({levels}) from p1 = {p1:.1f} px up"
+        if anchor_sizes[-1][0] * math.sqrt(2) < p99:
+            why += f"; boxes above {anchor_sizes[-1][0] * 1.41:.0f} px (p99 {p99:.0f}) exceed them"
+    out.append(
+        Suggestion(
+            "MODEL.ANCHOR_GENERATOR.SIZES", anchor_sizes, cfg.MODEL.ANCHOR_GENERATOR.SIZES, why
+        )
+    )
+
+    wh = np.concatenate([s.box_wh for s in train])
+    r1, r99 = np.percentile(wh[:, 1] / wh[:, 0], (1, 99))
+    k_lo, k_hi = min(0, round(math.log2(r1))), max(0, round(math.log2(r99)))
+    ratios = [[float(2.0**k) for k in range(k_lo, k_hi + 1)]]
+    out.append(
+        Suggestion(
+            "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+            ratios,
+            cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
+            f"powers of 2 within x1.41 of every h/w in p1..p99 = {r1:.2f}..{r99:.2f}",
+        )
+    )
+
+    per_image = np.concatenate([s.boxes_per_image for s in all_splits])
+    most = int(per_image.max())
+    dense = float(np.percentile(np.concatenate([s.boxes_per_image for s in train]), 95))
+    dets = max(cfg.TEST.DETECTIONS_PER_IMAGE, _round_up(DETECTIONS_MARGIN * most, 10))
+    out.append(
+        Suggestion(
+            "TEST.DETECTIONS_PER_IMAGE",
+            dets,
+            cfg.TEST.DETECTIONS_PER_IMAGE,
+            f"up to {most} boxes in one image: keep >= {DETECTIONS_MARGIN:g}x that "
+            "(COCO AP counts at most 100)",
+        )
+    )
+    post = max(rpn.POST_NMS_TOPK_TEST, dets, PROPOSALS_PER_OBJECT * most)
+    out.append(
+        Suggestion(
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            post,
+            rpn.POST_NMS_TOPK_TEST,
+            f">= {PROPOSALS_PER_OBJECT} proposals per object of the densest image, "
+            ">= DETECTIONS_PER_IMAGE",
+        )
+    )
+    pre_factor = 1 if arch == "FPN" else 2  # FPN applies PRE_NMS_TOPK per level
+    pre = max(rpn.PRE_NMS_TOPK_TEST, pre_factor * post)
+    out.append(
+        Suggestion(
+            "MODEL.RPN.PRE_NMS_TOPK_TEST",
+            pre,
+            rpn.PRE_NMS_TOPK_TEST,
+            f">= {pre_factor}x POST_NMS_TOPK_TEST"
+            + (" (per level for FPN)" if pre_factor == 1 else ""),
+        )
+    )
+    rois = max(
+        roi.BATCH_SIZE_PER_IMAGE,
+        _next_power_of_two(POSITIVE_ROIS_PER_OBJECT * dense / roi.POSITIVE_FRACTION),
+    )
+    out.append(
+        Suggestion(
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            rois,
+            roi.BATCH_SIZE_PER_IMAGE,
+            f"{POSITIVE_ROIS_PER_OBJECT} foreground RoIs per object in a dense image "
+            f"(p95 = {dense:g} boxes) at POSITIVE_FRACTION {roi.POSITIVE_FRACTION:g}",
+        )
+    )
+    out.append(
+        Suggestion(
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            max(rpn.POST_NMS_TOPK_TRAIN, rois),
+            rpn.POST_NMS_TOPK_TRAIN,
+            ">= ROI_HEADS.BATCH_SIZE_PER_IMAGE, so that there are RoIs to sample",
+        )
+    )
+    return out
