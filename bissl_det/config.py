@@ -7,9 +7,29 @@ upper steps.
 
 from __future__ import annotations
 
-from bissl_det.data.detection import add_dataset_config
-
 from detectron2.config import CfgNode as CN
+
+# DATASETS.CUSTOM entry keys per FORMAT: (required, optional).
+CUSTOM_DATASET_KEYS = {
+    "voc": ({"NAME", "FORMAT", "ROOT", "SPLIT", "CLASSES"}, {"YEAR"}),
+    "coco": ({"NAME", "FORMAT", "JSON", "IMAGE_ROOT"}, set()),
+}
+# DATASETS.CHECK_IMAGES values: which images are decoded in full at start-up.
+CHECK_IMAGES_MODES = ("header", "decode_test", "decode_all")
+
+
+def add_dataset_config(cfg: CN) -> CN:
+    """Add the data set keys (registered and checked by ``bissl_det.data.register_from_config``)."""
+    # User data sets, registered under NAME before training/evaluation; a list of dicts:
+    #   {NAME, FORMAT: "voc", ROOT, SPLIT, CLASSES: [...], YEAR (optional, 2007)}
+    #   {NAME, FORMAT: "coco", JSON, IMAGE_ROOT}  (boxes; optional polygon/RLE masks)
+    # Relative paths: current directory first, then $DETECTRON2_DATASETS.
+    cfg.DATASETS.CUSTOM = []
+    # Start-up check of every image of DATASETS.TRAIN/TEST and BISSL.PRETEXT_DATA.DATASETS:
+    # "header" (exists, readable, size as annotated, bit depth, pixel limit), "decode_test"
+    # (also decodes the TEST images, so a truncated one fails before training) or "decode_all".
+    cfg.DATASETS.CHECK_IMAGES = "decode_test"
+    return cfg
 
 
 def add_bissl_config(cfg: CN) -> CN:

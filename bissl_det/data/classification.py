@@ -16,27 +16,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
+from detectron2.data.datasets.pascal_voc import load_voc_instances
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
 
-from .detection import DatasetValidationError, parse_voc_annotation, read_voc_split, resolve_path
+from .images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, read_rgb
+from .validation import DatasetValidationError, resolve_path
+from .voc import check_voc_annotations, check_voc_dataset, check_voc_root, read_voc_split
 
 __all__ = [
     "IGNORE_TARGET",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "VOC07MultiLabelDataset",
     "classification_transforms",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Multi-label target of a class that appears only as difficult objects.
 IGNORE_TARGET = -1.0
 # Test-time resize before the centre crop: the usual 224/256 ratio.
@@ -45,19 +44,16 @@ TEST_CROP_FRACTION = 0.875
 Transform = Callable[[Image.Image], object]
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
-class ImageFolderDataset(Dataset):
-    """Single-label images stored as ``<root>/<class>/<image>``.
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ImageFolder (``<root>/<class>/<image>``) read by the project's image reader,
+    with a given class order and errors that name the folder.
 
     Args:
-        root: Folder with one sub-folder per class.
+        root: Folder with one sub-folder per class (hidden folders are ignored).
         transform: Applied to the RGB PIL image; None returns the PIL image.
         classes: Class names in label order. None: the sorted sub-folder names. If given, the
             sub-folders must be exactly these classes (e.g. so train and test share the order).
+            Samples are ordered by label, then by file name.
 
     Raises:
         DatasetValidationError: Missing root, no class folder, a class folder mismatch (naming the
@@ -70,43 +66,40 @@ class ImageFolderDataset(Dataset):
         transform: Transform | None = None,
         classes: Sequence[str] | None = None,
     ) -> None:
-        self.root = resolve_path(root, "image folder")
-        if not os.path.isdir(self.root):
-            raise DatasetValidationError(f"image folder {self.root!r} is not a directory")
+        root = resolve_path(root, "image folder")
+        if not os.path.isdir(root):
+            raise DatasetValidationError(f"image folder {root!r} is not a directory")
+        self._given_classes = None if classes is None else list(classes)
+        super().__init__(root, transform, loader=read_rgb, allow_empty=True)
+        empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
+        if empty:
+            folders = [os.path.join(root, c) for c in empty]
+            raise DatasetValidationError(
+                f"class folder(s) {folders} have no images (extensions {IMAGE_EXTENSIONS})"
+            )
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         folders = sorted(
-            e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
+            e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")
         )
         if not folders:
-            raise DatasetValidationError(f"image folder {self.root!r} has no class sub-folders")
-        if classes is None:
-            classes = folders
-        elif set(classes) != set(folders) or len(set(classes)) != len(classes):
+            raise DatasetValidationError(f"image folder {directory!r} has no class sub-folders")
+        classes = self._given_classes or folders
+        if set(classes) != set(folders) or len(set(classes)) != len(classes):
             raise DatasetValidationError(
-                f"image folder {self.root!r}: class sub-folders {folders} do not match the given "
+                f"image folder {directory!r}: class sub-folders {folders} do not match the given "
                 f"classes {list(classes)} (missing folders: {sorted(set(classes) - set(folders))}, "
                 f"unexpected folders: {sorted(set(folders) - set(classes))})"
             )
-        self.classes: list[str] = list(classes)
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.transform = transform
-        self.samples: list[tuple[str, int]] = []
-        for cls in self.classes:
-            folder = os.path.join(self.root, cls)
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-            if not files:
-                raise DatasetValidationError(
-                    f"class folder {folder!r} has no images (extensions {IMAGE_EXTENSIONS})"
-                )
-            self.samples += [(os.path.join(folder, f), self.class_to_idx[cls]) for f in files]
-        self.targets: list[int] = [t for _, t in self.samples]
+        return list(classes), {c: i for i, c in enumerate(classes)}
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[object, int]:
-        path, target = self.samples[index]
-        image = _load_rgb(path)
-        return (self.transform(image) if self.transform else image), target
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, **kwargs):
+        samples = ImageFolder.make_dataset(
+            directory, class_to_idx, extensions, is_valid_file, **kwargs
+        )
+        # Label order (a stable sort: files stay sorted within a class), as the classes are given.
+        return sorted(samples, key=lambda s: s[1])
 
     def class_counts(self) -> list[int]:
         """Number of images per class, in label order."""
@@ -126,8 +119,8 @@ class VOC07MultiLabelDataset(Dataset):
         transform: Applied to the RGB PIL image; None returns the PIL image.
 
     Raises:
-        DatasetValidationError: Any problem :func:`~bissl_det.data.detection.validate_voc_folder`
-            reports (the annotations are parsed eagerly).
+        DatasetValidationError: Any problem :func:`~bissl_det.data.voc.check_voc_dataset`
+            reports (the annotations are checked eagerly, as for detection).
     """
 
     def __init__(
@@ -137,29 +130,31 @@ class VOC07MultiLabelDataset(Dataset):
         class_names: Sequence[str],
         transform: Transform | None = None,
     ) -> None:
-        self.root = resolve_path(voc_root, "VOC folder")
+        self.root = check_voc_root(voc_root, class_names)
         self.classes = list(class_names)
         self.transform = transform
-        self.image_files: list[str] = []
+        load = partial(load_voc_instances, self.root, split, self.classes)
+        records = check_voc_dataset(f"{self.root}:{split}", self.root, split, self.classes, load)
+        objects = check_voc_annotations(self.root, read_voc_split(self.root, split), self.classes)
+        self.image_files: list[str] = [r["file_name"] for r in records]
         rows = []
-        for image_id in read_voc_split(self.root, split):
-            record = parse_voc_annotation(self.root, image_id, self.classes)
+        for record in records:
             row = torch.zeros(len(self.classes))
-            for obj in record.objects:
+            flags = objects[record["image_id"]]
+            for obj in flags:
                 if not obj.difficult:
-                    row[obj.category_id] = 1.0
-            for obj in record.objects:
-                if obj.difficult and row[obj.category_id] == 0:
-                    row[obj.category_id] = IGNORE_TARGET
+                    row[self.classes.index(obj.name)] = 1.0
+            for obj in flags:
+                if obj.difficult and row[self.classes.index(obj.name)] == 0:
+                    row[self.classes.index(obj.name)] = IGNORE_TARGET
             rows.append(row)
-            self.image_files.append(record.file_name)
         self.targets = torch.stack(rows)
 
     def __len__(self) -> int:
         return len(self.image_files)
 
     def __getitem__(self, index: int) -> tuple[object, torch.Tensor]:
-        image = _load_rgb(self.image_files[index])
+        image = read_rgb(self.image_files[index])
         return (self.transform(image) if self.transform else image), self.targets[index].clone()
 
 

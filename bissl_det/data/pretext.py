@@ -19,8 +19,16 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
+from .images import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageReadError,
+    ImageTooLargeError,
+    read_rgb,
+)
+
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "InfiniteSampler",
     "TwoViewAugmentation",
     "TwoViewTransform",
@@ -30,7 +38,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _INTERPOLATIONS = {
     "bilinear": T.InterpolationMode.BILINEAR,
     "bicubic": T.InterpolationMode.BICUBIC,
@@ -70,8 +77,8 @@ class TwoViewAugmentation:
     gray_p: float = 0.2
     blur_p: tuple[float, float] = (1.0, 0.1)
     solarize_p: tuple[float, float] = (0.0, 0.2)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
@@ -164,10 +171,6 @@ def find_images(root: str | Path) -> list[Path]:
     return paths
 
 
-# Errors PIL raises for unreadable, truncated or malformed files.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
 class UnlabeledImages(Dataset):
     """Images without labels, decoded as RGB and passed through ``transform``.
 
@@ -176,7 +179,8 @@ class UnlabeledImages(Dataset):
     long run. Once more than ``max(1, floor(max_bad_fraction * len(self)))`` distinct files have
     failed, a RuntimeError names the last bad files: that many failures means a broken dataset,
     not a stray file. With DataLoader workers each worker holds its own copy, so the limit applies
-    per worker (each worker still sees every failure it hits).
+    per worker (each worker still sees every failure it hits). An image over the pixel limit is
+    an error, not skipped (see :mod:`bissl_det.data.images`); 16-bit images are scaled to 8 bit.
 
     Args:
         paths: Image files (e.g. from :func:`find_images`).
@@ -218,10 +222,11 @@ class UnlabeledImages(Dataset):
     def _load(self, index: int) -> Image.Image | None:
         path = self.paths[index]
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # forces the full decode inside the try
-        except _DECODE_ERRORS as e:
-            self._bad[index] = f"{type(e).__name__}: {e}"
+            return read_rgb(path)
+        except ImageTooLargeError:
+            raise  # not a corrupt file: a limit to raise, or a file to remove (never skipped)
+        except ImageReadError as e:
+            self._bad[index] = str(e)
             logger.warning("skipping unreadable image %s (%s)", path, self._bad[index])
             if len(self._bad) > self.max_bad:
                 last = ", ".join(str(p) for p in self.bad_files[-5:])

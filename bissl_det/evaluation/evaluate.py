@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 
 import torch
@@ -13,16 +12,9 @@ from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluator,
     PascalVOCDetectionEvaluator,
-    inference_on_dataset,
 )
-from detectron2.utils import comm
 
 from ..compat import has_compiled_ops
-from ..data.build import (
-    build_classification_test_loader,
-    build_detection_test_loaders,
-    is_classification,
-)
 from .classification import mean_per_class_accuracy, top1_accuracy, voc07_map
 
 logger = logging.getLogger(__name__)
@@ -68,18 +60,19 @@ def evaluate_classifier(model: torch.nn.Module, loader, multi_label: bool) -> di
 
 
 def evaluate_downstream(cfg: CfgNode, model: torch.nn.Module) -> OrderedDict:
-    """Evaluate ``model`` (an upper model, or BiSSL's upper level) on the config's test data."""
+    """Evaluate ``model`` (an upper model, or BiSSL's upper level) on its task's test data.
+
+    The config's downstream task (:mod:`bissl_det.data.tasks`) gives the test loaders and how
+    each is scored; results are keyed by test set ("cls" for classification).
+    """
+    # Imported here: the task registry builds on this module's evaluators.
+    from ..data.tasks import downstream_task
+
+    task = downstream_task(cfg)
     results = OrderedDict()
-    if is_classification(cfg):
-        results["cls"] = evaluate_classifier(
-            model, build_classification_test_loader(cfg), cfg.MODEL.CLASSIFIER.MULTI_LABEL
-        )
-        return results
-    for name, loader in build_detection_test_loaders(cfg).items():
-        out_dir = os.path.join(cfg.OUTPUT_DIR, "inference", name)
-        evaluator = build_detection_evaluator(cfg, name, out_dir)
-        result = inference_on_dataset(model, loader, evaluator)
-        if comm.is_main_process():
-            results[name] = detection_metrics(result)
-            logger.info("%s: %s", name, results[name])
+    for name, loader in task.build_test_loaders(cfg).items():
+        metrics = task.evaluate(cfg, model, name, loader)
+        if metrics is not None:
+            results[name] = metrics
+            logger.info("%s: %s", name, metrics)
     return results

@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 # isort: split
+from bissl_det.config import add_dataset_config
 from bissl_det.data.detection import (
     DatasetValidationError,
-    add_dataset_config,
-    load_voc_folder,
     register_coco_json,
     register_from_config,
     register_voc_folder,
@@ -61,12 +60,14 @@ def _name() -> str:
     return f"test_{uuid.uuid4().hex[:8]}"
 
 
-def test_validate_and_load_match_detectron2(tmp_path):
+def test_registered_voc_loads_through_detectron2(tmp_path):
     from detectron2.data.datasets.pascal_voc import load_voc_instances
 
     root = _voc(tmp_path, GOOD)
     assert validate_voc_folder(root, "train", CLASSES) == 2
-    ours = load_voc_folder(str(root), "train", CLASSES)
+    name = _name()
+    register_voc_folder(name, root, "train", CLASSES)
+    ours = DatasetCatalog.get(name)
     assert ours == load_voc_instances(str(root), "train", CLASSES)
     assert ours[0]["annotations"][0]["bbox"] == [0.0, 0.0, 40.0, 30.0]
 
@@ -77,13 +78,14 @@ def test_validate_and_load_match_detectron2(tmp_path):
         ({"x": _xml([("dog", (1, 1, 5, 5), 0)])}, r"x\.xml: object 0 has class 'dog'.*not in"),
         (
             {"x": _xml([("circle", (0, 1, 5, 5), 0)])},
-            r"x\.xml: object 0 .*\(0\.0, 1\.0, 5\.0, 5\.0\).*outside the 40x30",
+            r"x\.xml: object 0: box \(xmin, ymin, xmax, ymax\)=\(0\.0, 1\.0, 5\.0, 5\.0\) lies outside "
+            r"the 40x30",
         ),
         ({"x": _xml([("circle", (2, 2, 41, 5), 0)])}, r"x\.xml: .*41\.0.*outside the 40x30 image"),
         ({"x": _xml([("circle", (2, 2, 8, 31), 0)])}, r"x\.xml: .*outside"),
         (
             {"x": _xml([("circle", (9, 2, 8, 5), 0)])},
-            r"x\.xml: object 0 .*\(9\.0, 2\.0, 8\.0, 5\.0\) has zero or neg",
+            r"x\.xml: object 0: box .*\(9\.0, 2\.0, 8\.0, 5\.0\) has zero or neg",
         ),
         ({"x": _xml([("circle", (2, 5, 8, 4), 0)])}, r"x\.xml: .*zero or negative area"),
         ({"x": "<annotation><size>"}, r"x\.xml' is not valid XML"),
@@ -93,7 +95,7 @@ def test_validate_and_load_match_detectron2(tmp_path):
             r"x\.xml: missing .*"
             r"<size/height>",
         ),
-        ({"x": _xml([]).replace("40", "forty")}, r"x\.xml: <size/width> is not a number: 'forty'"),
+        ({"x": _xml([]).replace("40", "forty")}, r"x\.xml: <size/width> is not an integer: 'forty'"),
         (
             {"x": _xml([("circle", (1, 1, 5, 5), 0)]).replace("<pose>Unspecified</pose>", "")},
             r"x\.xml: missing or empty <pose>",
@@ -123,7 +125,7 @@ def test_voc_missing_files_and_folders(tmp_path):
     with pytest.raises(DatasetValidationError, match=r"Annotations/ghost\.xml' is missing"):
         validate_voc_folder(root, "ghost", CLASSES)
     (root / "JPEGImages" / "b.jpg").unlink()
-    with pytest.raises(DatasetValidationError, match=r"JPEGImages/b\.jpg' .* is missing"):
+    with pytest.raises(DatasetValidationError, match=r"Annotations/b\.xml: image '.*JPEGImages/b\.jpg' is missing"):
         validate_voc_folder(root, "train", CLASSES)
     (root / "JPEGImages").rename(root / "images")
     with pytest.raises(DatasetValidationError, match=r"has no JPEGImages/ folder"):
@@ -234,15 +236,15 @@ ANN = {"id": 7, "image_id": 1, "category_id": 3, "bbox": [2, 3, 10, 5]}
         ({"images": []}, r"ann\.json: 'images' is empty"),
         (
             {"annotations": [{**ANN, "bbox": [35, 3, 10, 5]}]},
-            r"annotations\[0\] \(id 7\): bbox \[x, y, w, h\]=\[35, 3, 10, 5\] lies outside image "
-            r"'1\.jpg' \(40x30\)",
+            r"ann\.json \(image id 1, '1\.jpg'\): object 0: box \[x, y, w, h\]=\[35, 3, 10, 5\] "
+            r"lies outside the 40x30 image",
         ),
-        ({"annotations": [{**ANN, "bbox": [2, 3, 0, 5]}]}, r"annotations\[0\] .* has no area"),
+        ({"annotations": [{**ANN, "bbox": [2, 3, 0, 5]}]}, r"ann\.json \(image id 1, '1\.jpg'\): object 0: box .* has zero or negative area"),
         ({"annotations": [{**ANN, "category_id": 9}]}, r"category_id 9 is not in 'categories'"),
         ({"annotations": [{**ANN, "image_id": 2}]}, r"unknown image_id 2"),
         (
             {"images": [{"id": 1, "file_name": "gone.jpg", "height": 30, "width": 40}]},
-            r"image 1 file '.*gone\.jpg' is missing",
+            r"\(image id 1, 'gone\.jpg'\): image '.*gone\.jpg' is missing",
         ),
     ],
 )

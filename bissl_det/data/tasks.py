@@ -1,0 +1,259 @@
+"""Downstream tasks: what an upper meta-architecture trains on and how it is scored.
+
+A :class:`DownstreamTask` bundles the train loader, the test loader(s), their evaluation and
+the start-up class-count check of one upper meta-architecture; code that needs one asks
+:func:`downstream_task` instead of testing architecture names. Registered here:
+
+- ``GeneralizedRCNN`` (Faster R-CNN; Mask R-CNN is the same meta-architecture with
+  MODEL.MASK_ON): DATASETS.TRAIN / DATASETS.TEST, scored by detectron2's evaluator of each test
+  set's format (COCO-style for COCO JSON sets, VOC-style for VOC folders).
+- ``ResNetClassifier``: CLS.TRAIN_ROOT / CLS.TEST_ROOT (ImageFolder or VOC07 multi-label),
+  scored by top-1 and mean per-class accuracy, or VOC07 mAP.
+
+Add a task with :func:`register_downstream_task`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.evaluation import inference_on_dataset
+from detectron2.utils import comm
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..evaluation.evaluate import build_detection_evaluator, detection_metrics, evaluate_classifier
+from .classification import ImageFolderDataset, VOC07MultiLabelDataset, classification_transforms
+from .common import normalisation, per_process_batch
+from .mapper import DetectionMapper
+from .pretext import InfiniteSampler
+
+__all__ = [
+    "DownstreamTask",
+    "downstream_task",
+    "register_downstream_task",
+    "registered_downstream_tasks",
+]
+
+# Meta-architecture that wraps an upper one (MODEL.BISSL.UPPER_META_ARCHITECTURE).
+BISSL_META_ARCHITECTURE = "BiSSL"
+
+
+@dataclass(frozen=True)
+class DownstreamTask:
+    """The data and evaluation of one upper meta-architecture.
+
+    Attributes:
+        build_train_loader: ``(cfg, total_batch, start_batches, seed)`` -> endless batches,
+            resumable by position (``start_batches`` this process already drew).
+        train_size: ``cfg`` -> number of training samples (head warm-up epochs -> iterations).
+        build_test_loaders: ``cfg`` -> {test set name: finite loader}.
+        evaluate: ``(cfg, model, test set name, loader)`` -> metrics (None on processes that do
+            not hold the result).
+        check_num_classes: ``cfg`` -> the head's class count after checking it against the data
+            (None when there is no data to check); raises ValueError naming key and data set.
+    """
+
+    build_train_loader: Callable[[CfgNode, int, int, int], Iterable]
+    train_size: Callable[[CfgNode], int]
+    build_test_loaders: Callable[[CfgNode], dict[str, Iterable]]
+    evaluate: Callable[[CfgNode, nn.Module, str, Iterable], dict[str, float] | None]
+    check_num_classes: Callable[[CfgNode], int | None]
+
+
+_TASKS: dict[str, DownstreamTask] = {}
+
+
+def register_downstream_task(meta_architecture: str, task: DownstreamTask) -> None:
+    """Register ``task`` for an upper meta-architecture name (one task per name)."""
+    if meta_architecture in _TASKS and _TASKS[meta_architecture] is not task:
+        raise ValueError(f"a downstream task for {meta_architecture!r} is already registered")
+    _TASKS[meta_architecture] = task
+
+
+def registered_downstream_tasks() -> list[str]:
+    """Names of the upper meta-architectures with a downstream task."""
+    return sorted(_TASKS)
+
+
+def downstream_task(cfg: CfgNode, required: bool = True) -> DownstreamTask | None:
+    """The task of the config's upper meta-architecture.
+
+    MODEL.META_ARCHITECTURE itself, or MODEL.BISSL.UPPER_META_ARCHITECTURE under BiSSL.
+
+    Args:
+        cfg: The config.
+        required: If False, a plain (non-BiSSL) meta-architecture without a task gives None
+            (pretext-only models); BiSSL's upper level always needs one.
+
+    Raises:
+        ValueError: No task for that name; the message lists the registered ones.
+    """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    key = "MODEL.META_ARCHITECTURE"
+    if arch == BISSL_META_ARCHITECTURE:
+        arch, key, required = cfg.MODEL.BISSL.UPPER_META_ARCHITECTURE, f"{key} BiSSL's upper", True
+    if arch in _TASKS:
+        return _TASKS[arch]
+    if not required:
+        return None
+    raise ValueError(
+        f"{key} = {arch!r} has no downstream task (train/test data, evaluator); registered: "
+        f"{registered_downstream_tasks()} (bissl_det.data.tasks.register_downstream_task)"
+    )
+
+
+# ---- Detection ----------------------------------------------------------------------------------
+
+
+def _detection_train_dicts(cfg: CfgNode) -> list[dict]:
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError("DATASETS.TRAIN is empty: name the detection training dataset(s)")
+    return get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    )
+
+
+def _detection_train_loader(cfg: CfgNode, total_batch: int, start_batches: int, seed: int):
+    batch = per_process_batch(total_batch, "downstream IMS_PER_BATCH")
+    dicts = _detection_train_dicts(cfg)
+    return build_detection_train_loader(
+        dataset=dicts,
+        mapper=DetectionMapper(cfg, is_train=True),
+        sampler=InfiniteSampler(len(dicts), seed=seed, start=start_batches * batch),
+        total_batch_size=total_batch,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
+
+
+def _detection_test_loaders(cfg: CfgNode) -> dict[str, Iterable]:
+    mapper = DetectionMapper(cfg, is_train=False)
+    return {
+        name: build_detection_test_loader(cfg, name, mapper=mapper) for name in cfg.DATASETS.TEST
+    }
+
+
+def _evaluate_detection(cfg: CfgNode, model: nn.Module, name: str, loader) -> dict | None:
+    out_dir = os.path.join(cfg.OUTPUT_DIR, "inference", name)
+    result = inference_on_dataset(model, loader, build_detection_evaluator(cfg, name, out_dir))
+    return detection_metrics(result) if comm.is_main_process() else None
+
+
+def _detection_num_classes(cfg: CfgNode) -> int:
+    """MODEL.ROI_HEADS.NUM_CLASSES against ``thing_classes`` of every train and test set."""
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+        metadata = MetadataCatalog.get(name)
+        if not hasattr(metadata, "thing_classes"):
+            DatasetCatalog.get(name)  # COCO JSON sets its classes when first loaded
+        classes = list(metadata.get("thing_classes", []))
+        if classes and len(classes) != num_classes:
+            raise ValueError(
+                f"MODEL.ROI_HEADS.NUM_CLASSES = {num_classes}, but dataset {name!r} has "
+                f"{len(classes)} classes {classes}"
+            )
+    return num_classes
+
+
+register_downstream_task(
+    "GeneralizedRCNN",
+    DownstreamTask(
+        build_train_loader=_detection_train_loader,
+        train_size=lambda cfg: len(_detection_train_dicts(cfg)),
+        build_test_loaders=_detection_test_loaders,
+        evaluate=_evaluate_detection,
+        check_num_classes=_detection_num_classes,
+    ),
+)
+
+
+# ---- Classification -----------------------------------------------------------------------------
+
+
+def classification_dataset(cfg: CfgNode, train: bool):
+    """CLS.TRAIN_ROOT (augmented) or CLS.TEST_ROOT as a dataset of (tensor, target)."""
+    mean, std = normalisation(cfg)
+    root = cfg.CLS.TRAIN_ROOT if train else cfg.CLS.TEST_ROOT
+    key = "CLS.TRAIN_ROOT" if train else "CLS.TEST_ROOT"
+    if not root:
+        raise ValueError(f"{key} is empty: set it to the classification data folder")
+    transform = classification_transforms(train, cfg.CLS.IMAGE_SIZE, mean, std)
+    classes = list(cfg.CLS.CLASSES) or None
+    if cfg.CLS.FORMAT == "imagefolder":
+        return ImageFolderDataset(root, transform, classes=classes)
+    if cfg.CLS.FORMAT == "voc07":
+        split = "trainval" if train else "test"
+        return VOC07MultiLabelDataset(root, split, classes, transform)
+    raise ValueError(f"CLS.FORMAT: unknown format {cfg.CLS.FORMAT!r} (imagefolder, voc07)")
+
+
+def collate_classification(samples) -> dict[str, torch.Tensor]:
+    """(image, target) pairs -> {"images": N x 3 x H x W, "targets": N or N x C}."""
+    images, targets = zip(*samples, strict=True)
+    return {
+        "images": torch.stack(images),
+        "targets": torch.stack([torch.as_tensor(t) for t in targets]),
+    }
+
+
+def _classification_train_loader(cfg: CfgNode, total_batch: int, start_batches: int, seed: int):
+    batch = per_process_batch(total_batch, "downstream IMS_PER_BATCH")
+    dataset = classification_dataset(cfg, train=True)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=InfiniteSampler(len(dataset), seed=seed, start=start_batches * batch),
+        num_workers=cfg.CLS.NUM_WORKERS,
+        collate_fn=collate_classification,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def classification_test_loader(cfg: CfgNode, batch_size: int = 64) -> DataLoader:
+    """Finite, unshuffled loader of the classification test set (each process sees all)."""
+    return DataLoader(
+        classification_dataset(cfg, train=False),
+        batch_size=batch_size,
+        num_workers=cfg.CLS.NUM_WORKERS,
+        collate_fn=collate_classification,
+    )
+
+
+def _classification_num_classes(cfg: CfgNode) -> int | None:
+    """MODEL.CLASSIFIER.NUM_CLASSES against the classes of CLS.TRAIN_ROOT."""
+    if not cfg.CLS.TRAIN_ROOT:
+        return None
+    classes = classification_dataset(cfg, train=True).classes
+    if len(classes) != cfg.MODEL.CLASSIFIER.NUM_CLASSES:
+        raise ValueError(
+            f"MODEL.CLASSIFIER.NUM_CLASSES = {cfg.MODEL.CLASSIFIER.NUM_CLASSES}, but "
+            f"CLS.TRAIN_ROOT {cfg.CLS.TRAIN_ROOT!r} has {len(classes)} classes {classes}"
+        )
+    return len(classes)
+
+
+register_downstream_task(
+    "ResNetClassifier",
+    DownstreamTask(
+        build_train_loader=_classification_train_loader,
+        train_size=lambda cfg: len(classification_dataset(cfg, train=True)),
+        build_test_loaders=lambda cfg: {"cls": classification_test_loader(cfg)},
+        evaluate=lambda cfg, model, name, loader: evaluate_classifier(
+            model, loader, cfg.MODEL.CLASSIFIER.MULTI_LABEL
+        ),
+        check_num_classes=_classification_num_classes,
+    ),
+)
