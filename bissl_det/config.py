@@ -159,37 +159,8 @@ def add_bissl_config(cfg: CN) -> CN:
     _C.BISSL.PRETEXT_DATA.AUG.BLUR_P = (1.0, 0.1)
     _C.BISSL.PRETEXT_DATA.AUG.SOLARIZE_P = (0.0, 0.2)
 
-    # ---- Classification downstream data (BiSSLClassifier, tools/eval_cls.py) -------------------
-    _C.CLS = CN()
-    # "imagefolder" (ROOT/<class>/*.jpg) or "voc07" (multi-label, from a VOC folder).
-    _C.CLS.FORMAT = "imagefolder"
-    _C.CLS.TRAIN_ROOT = ""
-    _C.CLS.TEST_ROOT = ""
-    # Class names; empty: sorted folder names (imagefolder).
-    _C.CLS.CLASSES = []
-    # Square input size of train crops and test center crops.
-    _C.CLS.IMAGE_SIZE = 224
-    _C.CLS.NUM_WORKERS = 4
-    _C.CLS.SOLVER = CN()
-    # Training length of tools/eval_cls.py; ITERS > 0 wins over EPOCHS (passes over TRAIN_ROOT).
-    _C.CLS.SOLVER.ITERS = 0
-    _C.CLS.SOLVER.EPOCHS = 100.0
-    # SGD (momentum) with a cosine schedule from BASE_LR to 0, no warm-up.
-    _C.CLS.SOLVER.BASE_LR = 0.05
-    _C.CLS.SOLVER.MOMENTUM = 0.9
-    _C.CLS.SOLVER.WEIGHT_DECAY = 5e-4
-    # Training images per step (one process).
-    _C.CLS.SOLVER.IMS_PER_BATCH = 256
-    # Images per step of the (un-augmented) evaluation passes.
-    _C.CLS.SOLVER.TEST_IMS_PER_BATCH = 64
-    # Log a progress line (loss, lr, ETA) every this many steps.
-    _C.CLS.SOLVER.LOG_PERIOD = 20
-    _C.CLS.SEARCH = CN()
-    # Random search (eval_cls.py --search N): lr and weight decay drawn log-uniformly from these.
-    _C.CLS.SEARCH.LR_RANGE = (1e-4, 1.0)
-    _C.CLS.SEARCH.WD_RANGE = (1e-5, 1e-2)
-    # Fraction of TRAIN_ROOT held out (per class for single-label sets) to score the trials.
-    _C.CLS.SEARCH.VAL_FRACTION = 0.2
+    add_cls_config(_C)
+    add_det_search_config(_C)
 
     # ---- Conventional SSL pretraining (tools/pretrain_ssl.py) ----------------------------------
     _C.PRETRAIN = CN()
@@ -212,4 +183,58 @@ def add_bissl_config(cfg: CN) -> CN:
     # BYOL target momentum per step: "cosine" (MODEL.BYOL.EMA_MOMENTUM -> 1 over ITERS, as in
     # BYOL) or "constant" (MODEL.BYOL.EMA_MOMENTUM throughout).
     _C.PRETRAIN.EMA_SCHEDULE = "cosine"
+    return cfg
+
+
+def add_cls_config(cfg: CN) -> CN:
+    """Add the classification keys (BiSSLClassifier's data, tools/eval_cls.py, its search)."""
+    _C = cfg
+    _C.CLS = CN()
+    # "imagefolder" (ROOT/<class>/*.jpg) or "voc07" (multi-label, from a VOC folder).
+    _C.CLS.FORMAT = "imagefolder"
+    _C.CLS.TRAIN_ROOT = ""
+    _C.CLS.TEST_ROOT = ""
+    # Class names; empty: sorted folder names (imagefolder).
+    _C.CLS.CLASSES = []
+    # Square input size of train crops and test center crops.
+    _C.CLS.IMAGE_SIZE = 224
+    _C.CLS.NUM_WORKERS = 4
+    _C.CLS.SOLVER = CN()
+    # Training length of tools/eval_cls.py; ITERS > 0 wins over EPOCHS (passes over TRAIN_ROOT).
+    _C.CLS.SOLVER.ITERS = 0
+    _C.CLS.SOLVER.EPOCHS = 100.0
+    # SGD (momentum) with a cosine schedule from BASE_LR to 0, no warm-up.
+    _C.CLS.SOLVER.BASE_LR = 0.05
+    _C.CLS.SOLVER.MOMENTUM = 0.9
+    _C.CLS.SOLVER.WEIGHT_DECAY = 5e-4
+    # Training images per step (one process).
+    _C.CLS.SOLVER.IMS_PER_BATCH = 256
+    # Images per step of the (un-augmented) evaluation passes.
+    _C.CLS.SOLVER.TEST_IMS_PER_BATCH = 64
+    # Write metrics (console line with ETA, metrics.json, TensorBoard) every this many steps.
+    _C.CLS.SOLVER.LOG_PERIOD = 20
+    # Also evaluate every this many steps (accuracy curves); 0: only after the last step.
+    _C.CLS.SOLVER.EVAL_PERIOD = 0
+    _C.CLS.SEARCH = CN()
+    # tools/search.py on a classification config: lr and weight decay drawn log-uniformly from
+    # these (the authors' ranges).
+    _C.CLS.SEARCH.LR_RANGE = (1e-4, 1.0)
+    _C.CLS.SEARCH.WD_RANGE = (1e-5, 1e-2)
+    # Fraction of TRAIN_ROOT held out (per class for single-label sets) to score the trials.
+    _C.CLS.SEARCH.VAL_FRACTION = 0.2
+    return cfg
+
+
+def add_det_search_config(cfg: CN) -> CN:
+    """Add the keys of tools/search.py on a detection fine-tuning config (tools/finetune_det.py)."""
+    _C = cfg
+    _C.DET_SEARCH = CN()
+    # SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY drawn log-uniformly from these.
+    _C.DET_SEARCH.LR_RANGE = (1e-3, 0.1)
+    _C.DET_SEARCH.WD_RANGE = (1e-5, 1e-3)
+    # Fraction of the DATASETS.TRAIN images held out (a seeded random subset) to score the
+    # trials; DATASETS.TEST is never used by the search.
+    _C.DET_SEARCH.VAL_FRACTION = 0.1
+    # Objective on that split, maximised: "AP50" or "AP" (COCO-style evaluation, percent).
+    _C.DET_SEARCH.METRIC = "AP50"
     return cfg

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Classification transfer of a backbone: full fine-tuning (default) or a linear probe.
+"""Classification transfer of a backbone on the test split: full fine-tuning or a linear probe.
 
     python tools/eval_cls.py --config-file configs/cls/voc07_R50.yaml \
-        --linear-probe --seeds 3 --search 20 MODEL.WEIGHTS output/pretrain/pretext_backbone.pth
+        --linear-probe --seeds 3 MODEL.WEIGHTS output/pretrain/pretext_backbone.pth
 
---seeds N: N runs (seeds SEED..SEED+N-1), mean and std. --search N: random search over lr and
-weight decay on a validation split carved from the training set first (bissl_det/engine/
-cls_eval.py documents the protocol). Writes OUTPUT_DIR/cls_results.json. Single process.
+--seeds N: N runs (seeds SEED..SEED+N-1), mean and std. lr and weight decay are
+CLS.SOLVER.BASE_LR / WEIGHT_DECAY: to select them on a validation split, run tools/search.py
+first and pass its best_config.yaml here. Writes OUTPUT_DIR/cls_results.json and, per seed,
+OUTPUT_DIR/seed_<seed>/ (metrics.json, TensorBoard events, plots). Single process.
 """
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
@@ -25,17 +26,12 @@ def argument_parser():
         help="train only the linear layer; backbone weights and BN statistics stay frozen",
     )
     parser.add_argument("--seeds", type=int, default=1, help="runs to average (mean, std)")
-    parser.add_argument(
-        "--search", type=int, default=0, help="random-search trials over lr and weight decay"
-    )
     return parser
 
 
 def main(args):
     cfg = setup(args)
-    return run_cls_eval(
-        cfg, seeds=args.seeds, search_trials=args.search, linear_probe=args.linear_probe
-    )
+    return run_cls_eval(cfg, seeds=args.seeds, linear_probe=args.linear_probe)
 
 
 if __name__ == "__main__":
