@@ -51,12 +51,16 @@ def add_bissl_config(cfg: CN) -> CN:
     _C.MODEL.SIMCLR.PROJECTOR_DIMS = [256, 256, 256]
     # Gather embeddings across processes so negatives (and the loss) are global.
     _C.MODEL.SIMCLR.GATHER = True
+    # Encode the two views as two batches (per-view BN statistics, the BiSSL authors' way);
+    # False: one joint batch of both views (the original SimCLR).
+    _C.MODEL.SIMCLR.SEPARATE_VIEWS = False
 
     _C.MODEL.BYOL = CN()
-    # Projector widths after the pooled features, predictor widths after the projector: the
-    # reference's 256-256-256 MLPs.
-    _C.MODEL.BYOL.PROJECTOR_DIMS = [256, 256]
-    _C.MODEL.BYOL.PREDICTOR_DIMS = [256, 256]
+    # Projector widths after the pooled features, predictor widths after the projector (whose
+    # output is the predictor's input): three Linear layers each, 2048-256-256-256 and
+    # 256-256-256-256 for R50, BN + ReLU between, no bias on the last (the authors' MLPs).
+    _C.MODEL.BYOL.PROJECTOR_DIMS = [256, 256, 256]
+    _C.MODEL.BYOL.PREDICTOR_DIMS = [256, 256, 256]
     # EMA momentum of the target network (updated after each lower optimiser step only).
     _C.MODEL.BYOL.EMA_MOMENTUM = 0.9995
 

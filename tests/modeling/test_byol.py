@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 
+from bissl_det.bilevel import pretext_curvature
+from bissl_det.config import add_bissl_config
+from bissl_det.modeling.meta_arch import build_pretext_model
 from bissl_det.modeling.pretext import BYOL, byol_loss, cosine_ema_momentum
 
 import numpy as np
 import pytest
 import torch
+from detectron2.config import get_cfg
 from torch import nn
 
 
@@ -127,3 +131,63 @@ def test_target_untouched_by_forward_backward_and_hvp_then_exact_ema() -> None:
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
     with pytest.raises(ValueError, match="momentum"):
         model.update_target(1.5)
+
+
+def test_default_heads_are_three_layer_mlps_without_last_bias() -> None:
+    cfg = add_bissl_config(get_cfg())
+    cfg.MODEL.BISSL.PRETEXT = "byol"
+
+    class Encoder(nn.Module):
+        feat_dim = 2048
+
+    model = build_pretext_model(cfg, Encoder())
+    for mlp, widths in ((model.projector, (2048, 256, 256, 256)), (model.predictor, (256,) * 4)):
+        linears = [m for m in mlp if isinstance(m, nn.Linear)]
+        assert mlp.dims == widths and len(linears) == 3
+        assert sum(isinstance(m, nn.BatchNorm1d) for m in mlp) == 2
+        assert linears[-1].bias is None
+
+
+def test_ggn_outputs_are_normalised_predictions_with_the_squared_distance() -> None:
+    torch.manual_seed(3)
+    model = tiny_byol().double()
+    v1, v2 = torch.randn(6, 3, 8, 8).double(), torch.randn(6, 3, 8, 8).double()
+    q, loss_of_q = model.ggn_outputs(v1, v2)
+    assert q.shape == (12, 5)
+    torch.testing.assert_close(q.norm(dim=1), torch.ones(12, dtype=torch.float64))
+    assert loss_of_q(q).item() == pytest.approx(model(v1, v2).item(), rel=1e-12)
+    # Convex with Hessian 2/n I in the outputs: exactly quadratic around any point.
+    d = torch.randn_like(q)
+    second = loss_of_q(q + d) - 2 * loss_of_q(q) + loss_of_q(q - d)
+    assert second.item() == pytest.approx(2 / 6 * d.pow(2).sum().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_target_network_untouched_by_curvature_products(kind: str) -> None:
+    torch.manual_seed(4)
+    model = tiny_byol().double()
+    v1, v2 = torch.randn(6, 3, 8, 8).double(), torch.randn(6, 3, 8, 8).double()
+    target = [
+        *model.target_encoder.state_dict().values(),
+        *model.target_projector.state_dict().values(),
+    ]
+    online_buffers = [b.clone() for b in model.encoder.buffers()]
+    before = [t.clone() for t in target]
+    params = tuple(model.encoder.parameters())
+    curvature = pretext_curvature(kind, model, (v1, v2), params)
+    for _ in range(3):
+        hv = curvature.matvec(tuple(torch.randn_like(p) for p in params))
+        assert all(torch.isfinite(h).all() for h in hv)
+    curvature.release()
+    for t, b in zip(target, before, strict=True):  # parameters AND BN buffers
+        assert torch.equal(t, b)
+    for t, b in zip(model.encoder.buffers(), online_buffers, strict=True):
+        assert torch.equal(t, b)
+    assert all(p.grad is None for p in model.parameters())
+    # A plain forward does move the target's BN statistics: the check above can fail.
+    model(v1, v2)
+    moved = [
+        *model.target_encoder.state_dict().values(),
+        *model.target_projector.state_dict().values(),
+    ]
+    assert any(not torch.equal(t, b) for t, b in zip(moved, before, strict=True))

@@ -138,3 +138,39 @@ def test_simclr_hessian_vector_product_matches_finite_differences() -> None:
     plus, minus = grad_at(1.0), grad_at(-1.0)
     for h, gp, gm in zip(hvp, plus, minus, strict=True):
         torch.testing.assert_close(h, (gp - gm) / 2e-5, rtol=1e-5, atol=1e-7)
+
+
+def test_separate_views_same_loss_in_eval_mode_different_in_train_mode() -> None:
+    torch.manual_seed(0)
+    joint = SimCLR(tiny_encoder(), feat_dim=4, projector_dims=(4, 8, 3)).double()
+    separate = SimCLR(tiny_encoder(), feat_dim=4, projector_dims=(4, 8, 3), separate_views=True)
+    separate = separate.double()
+    separate.load_state_dict(joint.state_dict())
+    v1, v2 = torch.randn(6, 3, 8, 8).double(), torch.randn(6, 3, 8, 8).double() + 1.0
+    # Eval mode: BN uses running statistics, so per-view batches change nothing.
+    joint.eval(), separate.eval()
+    assert separate(v1, v2).item() == pytest.approx(joint(v1, v2).item(), rel=1e-12)
+    # Train mode: per-view batch statistics (view 2 is shifted) change the embeddings.
+    joint.train(), separate.train()
+    assert abs(separate(v1, v2).item() - joint(v1, v2).item()) > 1e-4
+    with torch.no_grad():
+        z1 = separate.projector(separate.encoder(v1))
+        z2 = separate.projector(separate.encoder(v2))
+        torch.testing.assert_close(separate(v1, v2), nt_xent_loss(z1, z2, 0.5))
+
+
+def test_ggn_outputs_split_the_loss_into_logits_and_their_cross_entropy() -> None:
+    torch.manual_seed(2)
+    model = SimCLR(tiny_encoder(), feat_dim=4, projector_dims=(4, 8, 3), temperature=0.3).double()
+    v1, v2 = torch.randn(5, 3, 8, 8).double(), torch.randn(5, 3, 8, 8).double()
+    logits, loss_of_logits = model.ggn_outputs(v1, v2)
+    assert logits.shape == (10, 10)
+    assert torch.isinf(logits.diagonal()).all() and torch.isfinite(logits.fill_diagonal_(0)).all()
+    logits, loss_of_logits = model.ggn_outputs(v1, v2)
+    assert loss_of_logits(logits).item() == pytest.approx(model(v1, v2).item(), rel=1e-12)
+    # Off the diagonal: cosine similarities / temperature.
+    with torch.no_grad():
+        z = nn.functional.normalize(model.projector(model.encoder(torch.cat([v1, v2]))), dim=1)
+        expected = z @ z.T / 0.3
+    off = ~torch.eye(10, dtype=torch.bool)
+    torch.testing.assert_close(logits[off], expected[off])

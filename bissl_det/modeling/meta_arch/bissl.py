@@ -74,6 +74,7 @@ def build_pretext_model(cfg, encoder: PooledEncoder) -> nn.Module:
             projector_dims=(encoder.feat_dim, *cfg.MODEL.SIMCLR.PROJECTOR_DIMS),
             temperature=cfg.MODEL.SIMCLR.TEMPERATURE,
             gather=cfg.MODEL.SIMCLR.GATHER,
+            separate_views=cfg.MODEL.SIMCLR.SEPARATE_VIEWS,
         )
     if name == "byol":
         projector = (encoder.feat_dim, *cfg.MODEL.BYOL.PROJECTOR_DIMS)
