@@ -56,8 +56,9 @@ def read_voc_split(root: str, split: str) -> list[str]:
     """Image ids listed in ``<root>/ImageSets/Main/<split>.txt``, one per line.
 
     Raises:
-        DatasetValidationError: The file is missing, lists no image, has a malformed line, or
-            lists an image more than once (the message gives the ids and their lines).
+        DatasetValidationError: The file is missing, lists fewer than 2 images (detectron2's
+            loader cannot read one), has a malformed line, or lists an image more than once (the
+            message gives the ids and their lines).
     """
     split_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
     if not os.path.isfile(split_file):
@@ -76,6 +77,11 @@ def read_voc_split(root: str, split: str) -> list[str]:
             lines.setdefault(tokens[0], []).append(line_no)
     if not ids:
         raise DatasetValidationError(f"VOC split file {split_file!r} lists no images")
+    if len(ids) == 1:  # numpy.loadtxt gives a 0-d array, which the loader cannot iterate
+        raise DatasetValidationError(
+            f"VOC split file {split_file!r} lists a single image: detectron2's "
+            "load_voc_instances cannot read one-line split files; list at least 2 images"
+        )
     repeated = [i for i, n in Counter(ids).items() if n > 1]
     if repeated:
         listed = ", ".join(f"{i!r} (lines {lines[i]})" for i in repeated[:5])
