@@ -6,7 +6,7 @@ STAMP := $(VENV)/.bissl_det-installed
 # The torch build served on this platform; other machines may pin their own (README, Install).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test lint format demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_bilevel.py
+
+# GPU tests, one full-size stage and both benchmarks on CUDA (< 8 min); a dry run without CUDA.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) output build *.egg-info

@@ -1,0 +1,895 @@
+"""Implicit-gradient estimators of a BiSSL stage: accuracy and cost, on a trained lower model.
+
+Usage::
+
+    python benchmarks/bench_hypergrad.py [--quick] [--device cpu|cuda] [--threads 1]
+                                         [--out benchmarks/results/hypergrad_<mode>_<device>.json]
+
+One process. The lower model is trained first (SimCLR on the demo data, the trainer's own
+``lower_step``; the last 20 lower-step gradients are kept for the Fisher history), the detection
+head is warmed up, then 8 downstream gradients ``g`` are taken w.r.t. the lower backbone from 8
+real downstream batches (as ``BilevelTrainer.upper_step`` does) and one pretext batch is the
+stage's Hessian batch. Every estimator solves ``(I + C / (lambda + delta)) x = g`` for the 8 g's:
+
+* ``stage_time_over_authors``: (curvature / basis build + 8 solves) over the authors' way in the
+  same process: products that recompute the pretext forward every time
+  (``RecomputingHessianVectorProduct``), layer-wise CG, K = 5, 8 solves;
+* ``peak_memory_over_authors``: the same two things' peak memory (CUDA: ``max_memory_allocated``
+  above the start; CPU: peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) above the
+  RSS at the start, after ``malloc_trim``);
+* ``cos_to_converged``: cosine to a converged solve of the estimator's own system (long CG, its
+  true residual reported), ``cos_to_ggn_converged``: to the converged Gauss-Newton solution;
+* true relative residuals, negative-curvature counts, products, and the Hessian's and the
+  Gauss-Newton matrix's extreme eigenvalues (Lanczos).
+
+Then the whole-stage ratio: one stage (N_L lower + N_U upper steps, the trainer's methods, with the
+estimator in place of the trainer's solve) / (N_L plain pretext + N_U plain downstream steps), for
+the classification and detection upper levels. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bissl_det  # noqa: E402, F401
+from bissl_det.bilevel import (  # noqa: E402
+    damped_matvec,
+    layerwise_conjugate_gradient,
+    tuple_cosine,
+    tuple_norm,
+)
+from bissl_det.bilevel import solvers as bilevel_solvers  # noqa: E402
+
+import bench_bilevel as bb  # noqa: E402  (the ratio benchmark's set-up, timing and machine info)
+import torch  # noqa: E402
+from common import minres  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+from torch.func import functional_call  # noqa: E402
+
+REPO = bb.REPO
+GOAL_COS, GOAL_TIME = 0.99, 0.35
+GOAL = f"cos_to_converged >= {GOAL_COS} at stage_time_over_authors <= {GOAL_TIME}"
+FISHER_HISTORY = 20
+REFERENCE_TOL = 1e-5  # relative residual at which a reference solve stops
+REFERENCE_OK = 1e-2  # a reference whose true relative residual is larger is "not converged"
+PRESETS = {  # --quick: narrow ResNet-50, small images; full: the project's earlier measurement
+    "quick": {
+        "crop_size": 32, "pretext_batch": 8, "image_size": 64, "det_batch": 2, "cls_batch": 8,
+        "cls_image_size": 32, "rois_per_image": 16, "train_iters": 150, "warmup_iters": 10,
+        "reference_iters": 40, "eig_steps": 20, "repeats": 1, "stage_steps": "4x2",
+        "data": {"num_train": 32, "num_test": 8, "image_size": 64, "num_cls_train": 32,
+                 "num_cls_test": 8, "cls_image_size": 32},
+    },
+    "full": {
+        "crop_size": 64, "pretext_batch": 8, "image_size": 128, "det_batch": 2, "cls_batch": 8,
+        "cls_image_size": 64, "rois_per_image": 16, "train_iters": 300, "warmup_iters": 20,
+        "reference_iters": 60, "eig_steps": 20, "repeats": 1, "stage_steps": "4x2,20x8",
+        "data": {"num_train": 200, "num_test": 16, "image_size": 128, "num_cls_train": 100,
+                 "num_cls_test": 16, "cls_image_size": 64},
+    },
+}  # fmt: skip
+
+
+# ---- The APIs under test (looked up late: they may land while this file is in use) -----------
+
+
+def bilevel_api(name: str):
+    """``bissl_det.bilevel.<name>`` or the same name in one of its modules; None if missing."""
+    import importlib
+
+    for module in ("bissl_det.bilevel", *(f"bissl_det.bilevel.{m}" for m in SUBMODULES)):
+        with contextlib.suppress(ImportError):
+            found = getattr(importlib.import_module(module), name, None)
+            if found is not None:
+                return found
+    return None
+
+
+SUBMODULES = ("solvers", "curvature", "lanczos")
+
+
+def continue_through_negative_curvature() -> dict:
+    """The authors' CG steps on through p^T A p <= 0 (the only behaviour before the option)."""
+    return {"on_negative_curvature": "continue"} if cg_supports_negative_curvature() else {}
+
+
+def cg_supports_negative_curvature() -> bool:
+    import inspect
+
+    return (
+        "on_negative_curvature" in inspect.signature(bilevel_solvers.conjugate_gradient).parameters
+    )
+
+
+class Counted:
+    """``v -> C v`` that counts its products."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.products = fn, 0
+
+    def __call__(self, v):
+        self.products += 1
+        return self.fn(v)
+
+
+# ---- Set-up: a trained lower model, real downstream gradients ---------------------------------
+
+
+def demo_workdir(sizes: dict, data_root: str = "") -> Path:
+    """A folder holding ``datasets/demo``: ``data_root`` as given, or one made once per size."""
+    if data_root:
+        root = Path(data_root).resolve()
+        if not (root / "datasets" / "demo").is_dir():
+            raise FileNotFoundError(f"--data-root {root}: no datasets/demo inside")
+        return root
+    root = REPO / "output" / "bench_data" / "_".join(f"{v}" for v in sizes.values())
+    if not (root / "datasets" / "demo" / "demo_info.json").is_file():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "make_demo_data", REPO / "datasets" / "make_demo_data.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.make_demo_data(root / "datasets" / "demo", seed=0, **sizes)
+    return root
+
+
+def build_cfg(kind: str, args: argparse.Namespace, output_dir: str, lower_steps: int):
+    """bench_bilevel's config (same sizes and widths), with a real lower schedule for training."""
+    args.lower_steps, args.upper_steps = lower_steps, 8
+    cfg = bb.build_cfg(kind, args, output_dir)
+    cfg.defrost()
+    cfg.BISSL.LOWER.BASE_LR = args.lower_lr
+    cfg.BISSL.LOWER.WARMUP_STEPS = 10
+    # The cosine schedule spans the training and every measured stage.
+    cfg.BISSL.STAGES = math.ceil((args.train_iters + 200) / lower_steps)
+    cfg.BISSL.HEAD_WARMUP.ITERS = args.warmup_iters
+    cfg.freeze()
+    return cfg
+
+
+def lower_backbone_grads(bench: bb.Bench) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        for p in bench.model.backbone_pairs.lower
+    )
+
+
+@dataclass
+class Problem:
+    """What every estimator sees: the stage's state, the Hessian batch, the 8 g's, the history."""
+
+    bench: bb.Bench
+    hessian_batch: tuple[torch.Tensor, torch.Tensor]
+    gs: list[tuple[torch.Tensor, ...]]
+    history: list[tuple[torch.Tensor, ...]]
+    lam: float
+    delta: float
+    train_log: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return self.bench.model.backbone_pairs.lower
+
+
+def prepare(kind: str, args: argparse.Namespace, tmp: str, log) -> Problem:
+    """Build the trainer, train the lower model, warm up the head, take the 8 g's."""
+    from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
+
+    cfg = build_cfg(kind, args, tmp, lower_steps=4)
+    bench = bb.Bench(cfg)
+    trainer, model = bench.trainer, bench.model
+    trainer._pretext_iter = iter(build_pretext_loader(cfg, cfg.BISSL.LOWER.IMS_PER_BATCH, 0, 7))
+    trainer._downstream_iter = iter(
+        build_downstream_train_loader(cfg, cfg.BISSL.UPPER.IMS_PER_BATCH, 0, 8)
+    )
+    start = time.perf_counter()
+    losses, history = [], []
+    with EventStorage(0) as trainer.storage:
+        for it in range(args.train_iters):
+            losses.append(trainer.lower_step(it)[1])
+            if it >= args.train_iters - FISHER_HISTORY:
+                history.append(lower_backbone_grads(bench))
+        model.copy_lower_backbone_to_upper()  # BiSSL starts with phi = theta (pretrained)
+        trainer.run_head_warmup()
+        log(
+            f"  {kind}: {args.train_iters} SimCLR iterations, pretext loss {losses[0]:.3f} -> "
+            f"{statistics.mean(losses[-10:]):.3f} (mean of last 10), head warm-up "
+            f"{args.warmup_iters} iterations, {time.perf_counter() - start:.0f} s"
+        )
+        gs = []
+        head = model.upper_head_parameters()
+        for _ in range(args.num_rhs):
+            batch = trainer.next_downstream_batch()
+            loss = sum(model.downstream_losses(batch, with_lower_backbone=True).values())
+            grads = torch.autograd.grad(
+                loss, (*bench.model.backbone_pairs.lower, *head), allow_unused=True
+            )
+            gs.append(
+                tuple(
+                    torch.zeros_like(p) if g is None else g.detach()
+                    for p, g in zip(model.backbone_pairs.lower, grads, strict=False)
+                )
+            )
+    hessian_batch = trainer.next_pretext_batch()
+    bench.pretext = hessian_batch  # the authors' recomputed products use the same batch
+    return Problem(
+        bench,
+        hessian_batch,
+        gs,
+        history,
+        cfg.BISSL.LAMBDA,
+        cfg.BISSL.HYPERGRAD.DAMPING,
+        {
+            "pretext_loss_first": losses[0],
+            "pretext_loss_last10": statistics.mean(losses[-10:]),
+            "train_iters": args.train_iters,
+            "head_warmup_iters": args.warmup_iters,
+        },
+    )
+
+
+# ---- Curvatures ------------------------------------------------------------------------------
+
+
+@dataclass
+class Curvature:
+    """``matvec`` (counted) and ``release`` of one stage's matrix C."""
+
+    system: str
+    matvec: Counted
+    release: Callable[[], None]
+    owner: object = None
+
+
+def build_curvature(problem: Problem, system: str) -> Curvature:
+    """The stage's matrix ``system`` ("hessian", "ggn", "fisher") on the Hessian batch."""
+    lower, params = problem.bench.model.lower, problem.params
+    if system == "fisher":
+        cls = bilevel_api("EmpiricalFisherCurvature")
+        if cls is None:
+            raise MissingAPI("EmpiricalFisherCurvature")
+        obj = cls(history_size=FISHER_HISTORY, device=problem.params[0].device)
+        for grads in problem.history:
+            obj.append(grads)
+        return Curvature(system, Counted(obj.matvec), lambda: None, obj)
+    build = bilevel_api("pretext_curvature")
+    if build is not None:
+        obj = build(system, lower, problem.hessian_batch, params)
+        return Curvature(system, Counted(obj.matvec), obj.release, obj)
+    if system != "hessian":
+        raise MissingAPI("pretext_curvature (GaussNewtonCurvature)")
+    # Before bilevel/curvature.py: the trainer's own Hessian (retained first-order graph).
+    buffers = {name: b.clone() for name, b in lower.named_buffers()}
+    loss = functional_call(lower, buffers, problem.hessian_batch, strict=False)
+    obj = bilevel_api("HessianVectorProduct")(loss, params)
+    return Curvature(system, Counted(obj), obj.release, obj)
+
+
+class MissingAPI(RuntimeError):
+    """An estimator's building block has not landed yet."""
+
+
+# ---- Estimators: build once per stage, then solve the stage's right-hand sides ----------------
+
+
+@dataclass
+class StageSolver:
+    """One estimator within one stage: ``solve(g) -> (x, info dict)``; products counted."""
+
+    system: str | None
+    solve: Callable
+    products: Callable[[], int]
+    release: Callable[[], None]
+
+
+def _info(info) -> dict:
+    return {
+        k: getattr(info, k)
+        for k in ("iterations", "products", "rel_residual", "negative_curvature", "truncated")
+        if hasattr(info, k)
+    }
+
+
+def krylov(system: str, method: str, k: int, **options) -> Callable:
+    """Curvature + CG-type solver with ``k`` iterations from x0 = 0."""
+
+    def make(problem: Problem) -> StageSolver:
+        if options and not cg_supports_negative_curvature():
+            raise MissingAPI("conjugate_gradient(on_negative_curvature=...)")
+        curv = build_curvature(problem, system)
+        a = damped_matvec(curv.matvec, problem.lam, problem.delta)
+        solver = bilevel_api(
+            {"cg": "conjugate_gradient", "lcg": "layerwise_conjugate_gradient"}[method]
+        )
+
+        def solve(g):
+            x, info = solver(a, g, max_iter=k, tol=0.0, **options)
+            return x, _info(info)
+
+        return StageSolver(system, solve, lambda: curv.matvec.products, curv.release)
+
+    return make
+
+
+def lanczos(system: str, m: int) -> Callable:
+    """One Lanczos basis of size m per stage (from the first g), every g solved in it."""
+
+    def make(problem: Problem) -> StageSolver:
+        basis_cls = bilevel_api("LanczosBasis")
+        if basis_cls is None:
+            raise MissingAPI("LanczosBasis")
+        curv = build_curvature(problem, system)
+        a = damped_matvec(curv.matvec, problem.lam, problem.delta)
+        state: dict = {}
+
+        def solve(g):
+            if "basis" not in state:  # built at the stage's first upper step, from its g
+                state["basis"] = basis_cls.build(a, g, m)
+            x, info = state["basis"].solve(g)
+            return x, _info(info)
+
+        def release() -> None:
+            if "basis" in state:
+                state["basis"].release()
+            curv.release()
+
+        return StageSolver(system, solve, lambda: curv.matvec.products, release)
+
+    return make
+
+
+def fisher(problem: Problem) -> StageSolver:
+    """Empirical Fisher of the last 20 lower-step gradients, Woodbury solve (no products)."""
+    curv = build_curvature(problem, "fisher")
+    scale = 1.0 / (problem.lam + problem.delta)
+
+    def solve(g):
+        return curv.owner.solve_damped(g, scale), {}
+
+    return StageSolver("fisher", solve, lambda: 0, curv.release)
+
+
+def first_order(problem: Problem) -> StageSolver:
+    """x = g: the implicit term without any curvature."""
+    return StageSolver(None, lambda g: (tuple(t.clone() for t in g), {}), lambda: 0, lambda: None)
+
+
+def authors(problem: Problem) -> StageSolver:
+    """The authors' way: forward recomputed for every product, layer-wise CG, K = 5."""
+    hvp = Counted(problem.bench.reference_hvp())
+    a = damped_matvec(hvp, problem.lam, problem.delta)
+
+    def solve(g):
+        x, info = layerwise_conjugate_gradient(
+            a, g, max_iter=5, tol=0.0, **continue_through_negative_curvature()
+        )
+        return x, _info(info)
+
+    return StageSolver("hessian", solve, lambda: hvp.products, lambda: None)
+
+
+ESTIMATORS: dict[str, Callable[[Problem], StageSolver]] = {
+    "authors (recomputing+layerwise_cg5)": authors,
+    "hessian+cg5": krylov("hessian", "cg", 5, on_negative_curvature="continue"),
+    "hessian+layerwise_cg5": krylov("hessian", "lcg", 5, on_negative_curvature="continue"),
+    "hessian+cg5_truncated": krylov("hessian", "cg", 5, on_negative_curvature="truncate"),
+    "ggn+cg5": krylov("ggn", "cg", 5, on_negative_curvature="continue"),
+    "ggn+lanczos5": lanczos("ggn", 5),
+    "ggn+lanczos10": lanczos("ggn", 10),
+    "ggn+lanczos20": lanczos("ggn", 20),
+    "fisher+woodbury20": fisher,
+    "first_order": first_order,
+}
+AUTHORS = next(iter(ESTIMATORS))
+DEFAULT = "hessian+cg5"
+
+
+# ---- Measuring one estimator's stage ---------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory of a block above its start (CUDA allocator, or CPU RSS via clear_refs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = (
+            "cuda_max_memory_allocated_above_start"
+            if device.type == "cuda"
+            else "cpu_peak_rss_vmhwm_reset_by_clear_refs_above_start_after_malloc_trim"
+        )
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise OSError(f"/proc/self/status has no {key}")
+
+    @contextlib.contextmanager
+    def measure(self, out: dict) -> Iterator[None]:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            yield
+            torch.cuda.synchronize()
+            out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+            return
+        try:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed blocks back to the OS
+            before = self._status("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        except OSError:
+            out["peak_bytes"] = None
+            yield
+            return
+        yield
+        out["peak_bytes"] = self._status("VmHWM") - before
+
+
+def run_stage_solves(problem: Problem, make, memory: PeakMemory) -> dict:
+    """Build + solve the 8 g's once: seconds, peak memory, products, solutions, infos."""
+    device = problem.params[0].device
+    out: dict = {}
+    with memory.measure(out):
+        bb.synchronize(device)
+        start = time.perf_counter()
+        solver = make(problem)
+        results = [solver.solve(g) for g in problem.gs]
+        solver.release()
+        bb.synchronize(device)
+        out["seconds"] = time.perf_counter() - start
+    out["products"] = solver.products()
+    out["xs"] = [x for x, _ in results]
+    out["infos"] = [info for _, info in results]
+    out["system"] = solver.system
+    return out
+
+
+def measure_estimators(problem: Problem, names: list[str], repeats: int, log) -> dict:
+    memory = PeakMemory(problem.params[0].device)
+    runs: dict = {}
+    for name in names:
+        try:
+            tries = [run_stage_solves(problem, ESTIMATORS[name], memory) for _ in range(repeats)]
+        except MissingAPI as e:
+            runs[name] = {"missing": str(e)}
+            log(f"  {name:<38} MISSING: {e}")
+            continue
+        best = tries[-1]
+        best["times_s"] = [round(t["seconds"], 4) for t in tries]
+        best["seconds"] = statistics.median(t["seconds"] for t in tries)
+        peaks = [t["peak_bytes"] for t in tries if t["peak_bytes"] is not None]
+        best["peak_bytes"] = statistics.median(peaks) if peaks else None
+        runs[name] = best
+        log(
+            f"  {name:<38} {best['seconds']:8.3f} s  {best['products']:4d} products  "
+            f"peak {(best['peak_bytes'] or 0) / 2**20:8.1f} MiB"
+        )
+    runs["_memory_method"] = memory.method
+    return runs
+
+
+# ---- Accuracy: converged references, residuals, eigenvalues ----------------------------------
+
+
+def true_rel_residual(a, x, g) -> float:
+    ax = a(x)
+    r = tuple(gi - ai for gi, ai in zip(g, ax, strict=True))
+    return (tuple_norm(r) / tuple_norm(g)).item()
+
+
+def converged_solutions(problem: Problem, curv: Curvature, iters: int) -> dict:
+    """MINRES (correct for indefinite systems) on the damped system for every g; true residuals."""
+    a = damped_matvec(curv.matvec, problem.lam, problem.delta)
+    xs, residuals, iterations = [], [], []
+    for g in problem.gs:
+        x, its, _ = minres(a, g, iters, REFERENCE_TOL)
+        xs.append(x)
+        iterations.append(its)
+        residuals.append(true_rel_residual(a, x, g))
+    return {"xs": xs, "true_rel_residual": residuals, "iterations": iterations, "matvec": a}
+
+
+def extreme_eigenvalues(curv: Curvature, problem: Problem, steps: int) -> dict | str:
+    fn = bilevel_api("lanczos_extremes")
+    if fn is None:
+        return "missing: lanczos_extremes"
+    out = fn(curv.matvec, problem.gs[0], steps)
+    low, high = (out[0], out[1]) if isinstance(out, tuple) else (out.min, out.max)
+    return {"min": float(low), "max": float(high), "steps": steps}
+
+
+def accuracy(problem: Problem, runs: dict, args: argparse.Namespace, log) -> dict:
+    """Cosines to each system's converged solution and to the GGN one; true residuals."""
+    refs, eig = {}, {}
+    for system in ("hessian", "ggn", "fisher"):
+        try:
+            curv = build_curvature(problem, system)
+        except MissingAPI as e:
+            log(f"  reference {system}: MISSING {e}")
+            continue
+        iters = args.reference_iters if system != "fisher" else 200
+        refs[system] = converged_solutions(problem, curv, iters)
+        if system != "fisher":
+            eig[system] = extreme_eigenvalues(curv, problem, args.eig_steps)
+        res = refs[system]["true_rel_residual"]
+        log(
+            f"  reference {system}: CG {max(refs[system]['iterations'])} iterations, true "
+            f"relative residual max {max(res):.2e}; eigenvalues {eig.get(system)}"
+        )
+        refs[system]["converged"] = max(res) <= REFERENCE_OK
+        for run in runs.values():
+            if isinstance(run, dict) and run.get("system") == system:
+                run["reference_converged"] = refs[system]["converged"]
+                a = refs[system]["matvec"]
+                run["true_rel_residual"] = [
+                    true_rel_residual(a, x, g) for x, g in zip(run["xs"], problem.gs, strict=True)
+                ]
+        curv.release()
+    for run in runs.values():
+        if not isinstance(run, dict) or "xs" not in run:
+            continue
+        for system, key in (
+            (run["system"], "cos_to_converged"),
+            ("ggn", "cos_to_ggn_converged"),
+            ("hessian", "cos_to_hessian_converged"),
+        ):
+            if system in refs:
+                run[key] = [
+                    tuple_cosine(x, r).item()
+                    for x, r in zip(run["xs"], refs[system]["xs"], strict=True)
+                ]
+        run["cos_to_g"] = [
+            tuple_cosine(x, g).item() for x, g in zip(run["xs"], problem.gs, strict=True)
+        ]
+        run["norm_ratio"] = [
+            (tuple_norm(x) / tuple_norm(g)).item()
+            for x, g in zip(run["xs"], problem.gs, strict=True)
+        ]
+    for ref in refs.values():
+        del ref["matvec"], ref["xs"]
+    return {"references": refs, "eigenvalues": eig}
+
+
+def summarise(runs: dict) -> dict:
+    """Per estimator: means (and minima of the cosines) as the JSON's ``estimators`` entries."""
+    authors_run = runs[AUTHORS]
+    table = {}
+    for name, run in runs.items():
+        if name.startswith("_"):
+            continue
+        if "missing" in run:
+            table[name] = {"missing": run["missing"]}
+            continue
+        row = {
+            "system": run["system"],
+            "products_per_stage": run["products"],
+            "stage_seconds": run["seconds"],
+            "times_s": run["times_s"],
+            "stage_time_over_authors": run["seconds"] / authors_run["seconds"],
+        }
+        if run["peak_bytes"] is not None and authors_run["peak_bytes"]:
+            row["peak_memory_bytes"] = run["peak_bytes"]
+            row["peak_memory_over_authors"] = run["peak_bytes"] / authors_run["peak_bytes"]
+        for key in (
+            "cos_to_converged",
+            "cos_to_ggn_converged",
+            "cos_to_hessian_converged",
+            "cos_to_g",
+            "norm_ratio",
+            "true_rel_residual",
+        ):
+            if key in run:
+                row[key] = statistics.mean(run[key])
+                if key.startswith("cos"):
+                    row[key + "_min"] = min(run[key])
+        for key in ("rel_residual", "negative_curvature", "iterations"):
+            values = [float(i[key]) for i in run["infos"] if i.get(key) is not None]
+            if values:
+                row[f"{key}_mean"] = statistics.mean(values)
+        row["reference_converged"] = run.get("reference_converged")
+        row["meets_goal"] = bool(
+            row["reference_converged"]
+            and row.get("cos_to_converged", 0.0) >= GOAL_COS
+            and row["stage_time_over_authors"] <= GOAL_TIME
+        )
+        table[name] = row
+    return table
+
+
+def recommend(table: dict) -> tuple[str, bool]:
+    """The cheapest estimator meeting the goal; else the most accurate within the time goal."""
+    rows = {n: r for n, r in table.items() if "missing" not in r and "cos_to_converged" in r}
+    meeting = [n for n, r in rows.items() if r["meets_goal"]]
+    if meeting:
+        return min(meeting, key=lambda n: rows[n]["stage_time_over_authors"]), True
+    fast = [n for n, r in rows.items() if r["stage_time_over_authors"] <= GOAL_TIME] or list(rows)
+    return max(fast, key=lambda n: rows[n]["cos_to_converged"]), False
+
+
+# ---- Whole stage: the trainer's run_step, configured for the estimator ------------------------
+
+# BISSL.HYPERGRAD of each estimator the trainer can run (the authors' recomputing products and
+# x = g are not trainer options). Diagnostics that cost products are off: what is timed is the
+# estimator, not its monitoring (TRUE_RESIDUAL: one product per upper step, EIGEN_STEPS: per stage).
+STAGE_CONFIGS = {
+    "hessian+cg5": {"CURVATURE": "hessian", "SOLVER": "cg", "ON_NEGATIVE_CURVATURE": "continue"},
+    "hessian+layerwise_cg5": {"CURVATURE": "hessian", "SOLVER": "layerwise_cg",
+                              "ON_NEGATIVE_CURVATURE": "continue"},
+    "hessian+cg5_truncated": {"CURVATURE": "hessian", "SOLVER": "cg",
+                              "ON_NEGATIVE_CURVATURE": "truncate"},
+    "ggn+cg5": {"CURVATURE": "ggn", "SOLVER": "cg", "ON_NEGATIVE_CURVATURE": "continue"},
+    **{f"ggn+lanczos{m}": {"CURVATURE": "ggn", "SOLVER": "lanczos", "BASIS_SIZE": m,
+                           "MAX_ITER": 0} for m in (5, 10, 20)},
+    "fisher+woodbury20": {"CURVATURE": "fisher", "SOLVER": "direct", "FISHER_HISTORY": 20,
+                          "FISHER_DEVICE": "model"},
+}  # fmt: skip
+STAGE_COMMON = {"MAX_ITER": 5, "TOL": 0.0, "TRUE_RESIDUAL": False, "EIGEN_STEPS": 0}
+
+
+def configure_trainer(bench: bb.Bench, name: str, n_l: int, n_u: int, history: list) -> None:
+    """BISSL.HYPERGRAD for ``name`` and the stage length; a fresh per-run Hypergradient."""
+    try:
+        from bissl_det.engine.hypergrad import Hypergradient
+    except ImportError:
+        Hypergradient = None  # noqa: N806
+    if Hypergradient is None or not hasattr(bench.trainer, "stage_system"):
+        raise MissingAPI("BilevelTrainer.stage_system / engine.hypergrad.Hypergradient")
+    cfg = bench.trainer.cfg
+    cfg.defrost()
+    cfg.BISSL.LOWER_STEPS, cfg.BISSL.UPPER_STEPS = n_l, n_u
+    for key, value in {**STAGE_COMMON, **STAGE_CONFIGS[name]}.items():
+        cfg.BISSL.HYPERGRAD[key] = value
+    cfg.freeze()
+    bench.trainer.hypergrad = Hypergradient(cfg, bench.model)
+    if bench.trainer.hypergrad.fisher is not None:  # the history earlier stages would have left
+        for grads in history:
+            bench.trainer.hypergrad.fisher.append(grads)
+
+
+def measure_stages(problem: Problem, names: list[str], args, log) -> dict:
+    """stage / (N_L plain pretext steps + N_U plain downstream steps) for each N_L x N_U."""
+    bench = problem.bench
+    device, out = bench.device, {}
+    plain_pretext = bb.measure(bench.plain_pretext_step, device, args.plain_repeats, 1)
+    plain_down = bb.measure(bench.plain_downstream_step, device, args.plain_repeats, 1)
+    log(
+        f"  plain pretext step {plain_pretext['median_s']:.3f} s, plain downstream step "
+        f"{plain_down['median_s']:.3f} s"
+    )
+    for steps in args.stage_steps.split(","):
+        n_l, n_u = (int(s) for s in steps.split("x"))
+        plain = n_l * plain_pretext["median_s"] + n_u * plain_down["median_s"]
+        for name in names:
+            try:
+                configure_trainer(bench, name, n_l, n_u, problem.history)
+                with EventStorage(0) as bench.trainer.storage:
+                    timing = bb.measure(bench.trainer.run_step, device, args.stage_repeats, 0)
+            except MissingAPI as e:
+                out[f"{name} @ {steps}"] = {"missing": str(e)}
+                continue
+            ratio = timing["median_s"] / plain
+            out[f"{name} @ {steps}"] = {
+                "estimator": name,
+                "N_L": n_l,
+                "N_U": n_u,
+                "stage_s": timing["median_s"],
+                "times_s": timing["times_s"],
+                "plain_steps_s": plain,
+                "stage_over_plain_steps": ratio,
+                "meets_goal_2_5x": ratio <= 2.5,
+            }
+            log(
+                f"  stage {steps} {name:<30} {timing['median_s']:8.2f} s  / plain "
+                f"{plain:6.2f} s = {ratio:5.2f}x"
+            )
+    out["_plain"] = {"pretext_step": plain_pretext, "downstream_step": plain_down}
+    return out
+
+
+# ---- Report ----------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(table: dict) -> str:
+    head = (
+        "| estimator | system | cos_to_converged (min) | cos_to_ggn_converged | "
+        "products/stage | time/authors | memory/authors | true rel. residual | "
+        "neg. curvature | goal |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for name, r in table.items():
+        if "missing" in r:
+            lines.append(f"| {name} | missing: {r['missing']} |" + " |" * 8)
+            continue
+        cos = r.get("cos_to_converged")
+        cos_s = "-" if cos is None else f"{cos:.4f} ({r['cos_to_converged_min']:.4f})"
+        if cos is not None and not r.get("reference_converged"):
+            cos_s += " ref. not converged"
+        lines.append(
+            f"| {name} | {r['system'] or '-'} | {cos_s} | {_fmt(r.get('cos_to_ggn_converged'), 4)} "
+            f"| {r['products_per_stage']} | {_fmt(r['stage_time_over_authors'])} "
+            f"| {_fmt(r.get('peak_memory_over_authors'))} | {_fmt(r.get('true_rel_residual'))} "
+            f"| {_fmt(r.get('negative_curvature_mean'), 2)} | {'met' if r['meets_goal'] else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def stage_table(stages: dict) -> str:
+    lines = [
+        "| stage (N_L x N_U) | estimator | stage / plain steps | goal <= 2.5 |",
+        "|---|---|---|---|",
+    ]
+    for key, s in stages.items():
+        if key.startswith("_") or "missing" in s:
+            continue
+        goal = "met" if s["meets_goal_2_5x"] else "missed"
+        ratio = s["stage_over_plain_steps"]
+        lines.append(f"| {s['N_L']} x {s['N_U']} | {s['estimator']} | {ratio:.2f} | {goal} |")
+    return "\n".join(lines)
+
+
+def provenance(device: torch.device) -> dict:
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty_bilevel": git("status", "--porcelain", "--", "bissl_det/bilevel").splitlines(),
+        "machine": bb.machine_info(device),
+        "argv": sys.argv,
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="narrow ResNet-50, small images (< 3 min)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--models", default="det,cls", help="upper levels of the stage ratio")
+    p.add_argument("--table-models", default="det", help="upper levels of the estimator table")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS), help="comma-separated names")
+    p.add_argument("--stage-estimators", default="", help="default: hessian+cg5 + recommended")
+    p.add_argument("--num-rhs", type=int, default=8, help="right-hand sides per stage (N_U)")
+    p.add_argument("--lower-lr", type=float, default=1.0, help="LARS lr of the training")
+    p.add_argument("--plain-repeats", type=int, default=3)
+    p.add_argument("--stage-repeats", type=int, default=1)
+    for key in PRESETS["full"]:
+        if key != "data":
+            quick, full = PRESETS["quick"][key], PRESETS["full"][key]
+            p.add_argument(
+                f"--{key.replace('_', '-')}",
+                type=type(full),
+                default=None,
+                help=f"preset default: quick {quick}, full {full}",
+            )
+    p.add_argument("--out", default="", help="JSON (default benchmarks/results/hypergrad_...)")
+    p.add_argument("--data-root", default="", help="folder with datasets/demo (default: made)")
+    args = p.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    for key, value in preset.items():
+        if key != "data" and getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    unknown = set(args.estimators.split(",")) - set(ESTIMATORS)
+    if unknown:
+        p.error(f"--estimators: unknown {sorted(unknown)}; valid: {list(ESTIMATORS)}")
+    mode = "quick" if args.quick else "full"
+    args.out = str(
+        Path(
+            args.out or REPO / "benchmarks" / "results" / f"hypergrad_{mode}_{args.device}.json"
+        ).resolve()
+    )
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    preset = PRESETS["quick" if args.quick else "full"]
+    os.chdir(
+        demo_workdir(preset["data"], args.data_root)
+    )  # the quick configs name their data relative to the cwd
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings.update(
+        resnet="narrow (16/32/8)" if args.quick else "full-width ResNet-50",
+        demo_data=preset["data"],
+        lambda_=1e-3,
+        delta=10.0,
+        goal=GOAL,
+    )
+    results: dict = {
+        "estimators": {},
+        "settings": settings,
+        "provenance": provenance(device),
+        "models": {},
+        "load_average_start": os.getloadavg(),
+    }
+
+    def save() -> None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    recommended = None
+    for kind in args.models.split(","):
+        log(f"model {kind}: prepare")
+        with tempfile.TemporaryDirectory() as tmp:
+            problem = prepare(kind, args, tmp, log)
+            res: dict = results["models"].setdefault(kind, {"training": problem.train_log})
+            with EventStorage(0) as problem.bench.trainer.storage:
+                if kind in args.table_models.split(","):
+                    runs = measure_estimators(
+                        problem, args.estimators.split(","), args.repeats, log
+                    )
+                    res.update(accuracy(problem, runs, args, log))
+                    res["memory_method"] = runs.pop("_memory_method")
+                    res["estimators"] = summarise(runs)
+                    recommended, met = recommend(res["estimators"])
+                    res["recommended"] = {"estimator": recommended, "meets_goal": met}
+                    if not results["estimators"]:
+                        results["estimators"] = res["estimators"]
+                        results["recommended"] = res["recommended"]
+                    save()
+                    print(markdown_table(res["estimators"]), flush=True)
+                chosen = [DEFAULT, recommended or DEFAULT]
+                if args.stage_estimators:
+                    chosen = args.stage_estimators.split(",")
+                names = [n for n in dict.fromkeys(chosen) if n in STAGE_CONFIGS]
+                res["stages"] = measure_stages(problem, names, args, log)
+            save()
+            del problem
+    results["load_average_end"] = os.getloadavg()
+    results["total_s"] = time.perf_counter() - start
+    save()
+    for kind, res in results["models"].items():
+        if "estimators" in res:
+            print(f"\n## {kind}: estimators (8 solves of one stage)\n")
+            print(markdown_table(res["estimators"]))
+            print(f"\nrecommended: {res['recommended']}")
+        print(f"\n## {kind}: whole stage\n")
+        print(stage_table(res["stages"]))
+    print(f"\ntotal {results['total_s']:.0f} s; wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""``make gpu-check``: what only a GPU can check, in under 8 minutes on one device.
+
+Steps (each a subprocess with its own timeout; a failing step does not stop the others, but makes
+the exit status non-zero; ``benchmarks/results/gpu_check.json`` is rewritten after every step):
+
+1. ``tests``: the tests that use CUDA (pytest marker ``gpu``);
+2. ``stage``: one full-size R50-C4 BiSSL stage (full-width ResNet-50, SimCLR, pretext batch 256 at
+   96 px, detection batch 2 at 800 px, N_L = 20, N_U = 8, the default estimator), twice; seconds,
+   peak memory and the stage's solver diagnostics;
+3. ``bench_bilevel``: ``benchmarks/bench_bilevel.py --device cuda`` at GPU sizes;
+4. ``bench_hypergrad``: ``benchmarks/bench_hypergrad.py --device cuda`` (full preset).
+
+Without CUDA (or with ``--dry-run``) nothing heavy runs: the plan is printed, the stage step runs
+at a tiny size on the CPU (so its code cannot rot), and the exit status is 0 if that worked.
+
+Usage::
+
+    python benchmarks/gpu_check.py [--dry-run] [--steps tests,stage,bench_bilevel,bench_hypergrad]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+BUDGET_S = 470  # all steps together: under 8 minutes with start-up
+TIMEOUTS_S = {"tests": 60, "stage": 150, "bench_bilevel": 120, "bench_hypergrad": 150}
+FULL_STAGE = {
+    "pretext_batch": 256,
+    "crop_size": 96,
+    "det_batch": 2,
+    "image_size": 800,
+    "rois_per_image": 512,
+    "lower_steps": 20,
+    "upper_steps": 8,
+}
+TINY_STAGE = {
+    "pretext_batch": 8,
+    "crop_size": 32,
+    "det_batch": 2,
+    "image_size": 64,
+    "rois_per_image": 16,
+    "lower_steps": 2,
+    "upper_steps": 2,
+}
+
+
+def step_commands(python: str) -> dict[str, list[str]]:
+    """The command line of every step on a CUDA machine."""
+    bench = REPO / "benchmarks"
+    return {
+        "tests": [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+        "stage": [
+            python,
+            str(bench / "gpu_check.py"),
+            "--run-stage",
+            "cuda",
+            "--stage-out",
+            str(RESULTS / "gpu_stage_cuda.json"),
+        ],
+        "bench_bilevel": [
+            python,
+            str(bench / "bench_bilevel.py"),
+            "--device",
+            "cuda",
+            "--image-size",
+            "512",
+            "--crop-size",
+            "96",
+            "--pretext-batch",
+            "256",
+            "--det-batch",
+            "8",
+            "--cls-batch",
+            "64",
+            "--rois-per-image",
+            "128",
+            "--skip-options",
+            "--out",
+            str(RESULTS / "gpu_r50.json"),
+        ],
+        "bench_hypergrad": [
+            python,
+            str(bench / "bench_hypergrad.py"),
+            "--device",
+            "cuda",
+            "--out",
+            str(RESULTS / "hypergrad_full_cuda.json"),
+        ],
+    }
+
+
+# ---- Step 2: one full-size stage (run in its own process) -------------------------------------
+
+
+def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
+    """Build the R50-C4 BiSSL trainer at full (or tiny) size and time two stages."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
+    from bissl_det.engine.trainer import BilevelTrainer
+
+    import bench_bilevel as bb
+    import bench_hypergrad as bh
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    sizes = TINY_STAGE if tiny else FULL_STAGE
+    os.chdir(bh.demo_workdir(bh.PRESETS["quick" if tiny else "full"]["data"], data_root))
+    args = argparse.Namespace(device=device, quick=tiny, cls_batch=8, cls_image_size=64, **sizes)
+    result: dict = {"sizes": sizes, "device": device, "tiny": tiny}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = bb.build_cfg("det", args, tmp)
+        cfg.defrost()
+        if not tiny:  # the standard C4 RPN, not the demo's small one
+            cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 12000, 2000
+            cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
+            cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32, 64, 128, 256, 512]]
+            cfg.BISSL.PRETEXT_DATA.NUM_WORKERS = 8
+            cfg.DATALOADER.NUM_WORKERS = 2
+        cfg.freeze()
+        torch.manual_seed(0)
+        trainer = BilevelTrainer(cfg)
+        trainer.model.copy_lower_backbone_to_upper()
+        trainer.model.train()
+        trainer._pretext_iter = iter(build_pretext_loader(cfg, sizes["pretext_batch"], 0, 0))
+        trainer._downstream_iter = iter(
+            build_downstream_train_loader(cfg, sizes["det_batch"], 0, 1)
+        )
+        dev = torch.device(device)
+        seconds = []
+        with EventStorage(0) as trainer.storage:
+            for _ in range(2):
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                bb.synchronize(dev)
+                start = time.perf_counter()
+                trainer.run_step()
+                bb.synchronize(dev)
+                seconds.append(time.perf_counter() - start)
+            latest = {k: v[0] for k, v in trainer.storage.latest().items()}
+        result["stage_s"] = seconds
+        result["metrics"] = latest
+        if dev.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            result["gpu"] = torch.cuda.get_device_name(dev)
+    bad = {k: v for k, v in latest.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"stage metrics not finite: {bad}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(json.dumps(result, default=str))
+    return result
+
+
+# ---- The driver --------------------------------------------------------------------------------
+
+
+def run_steps(steps: list[str], summary_path: Path) -> int:
+    commands = step_commands(sys.executable)
+    summary: dict = {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "budget_s": BUDGET_S,
+        "steps": {},
+    }
+    start = time.perf_counter()
+    logs = RESULTS / "gpu_check_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in steps:
+        left = BUDGET_S - (time.perf_counter() - start)
+        timeout = max(10, min(TIMEOUTS_S[name], left))
+        print(f"== {name} (timeout {timeout:.0f} s): {' '.join(commands[name])}", flush=True)
+        t0 = time.perf_counter()
+        log = logs / f"{name}.log"
+        with log.open("w") as handle:
+            try:
+                rc = subprocess.run(
+                    commands[name],
+                    cwd=REPO,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                ).returncode
+                status = "ok" if rc == 0 else "failed"
+            except subprocess.TimeoutExpired:
+                rc, status = None, "timeout"
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        summary["steps"][name] = {
+            "command": commands[name],
+            "status": status,
+            "returncode": rc,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "log": str(log),
+            "tail": tail,
+        }
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"   {status} in {summary['steps'][name]['seconds']} s (log {log})", flush=True)
+        if status != "ok":
+            failed.append(name)
+    summary["failed"] = failed
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    print("gpu-check:", "all steps passed" if not failed else f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def dry_run(steps: list[str], summary_path: Path, data_root: str = "") -> int:
+    """Print the plan; run the stage step at a tiny size on the CPU."""
+    commands = step_commands(sys.executable)
+    print(f"gpu-check DRY RUN (no CUDA device): would run, with a budget of {BUDGET_S} s in all:")
+    for name in steps:
+        print(f"  {name} (timeout {TIMEOUTS_S[name]} s): {' '.join(commands[name])}")
+    summary: dict = {"dry_run": True, "plan": {n: commands[n] for n in steps}}
+    if "stage" in steps:
+        print("running the stage step at a tiny size on the CPU ...", flush=True)
+        t0 = time.perf_counter()
+        tiny_out = summary_path.with_name(summary_path.stem + "_tiny_stage_cpu.json")
+        tiny = run_stage("cpu", tiny_out, tiny=True, data_root=data_root)
+        summary["tiny_stage"] = {"seconds": time.perf_counter() - t0, "stage_s": tiny["stage_s"]}
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(f"gpu-check dry run done; wrote {summary_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing heavy")
+    p.add_argument("--steps", default=",".join(TIMEOUTS_S), help="comma-separated step names")
+    p.add_argument("--summary", default=str(RESULTS / "gpu_check.json"))
+    p.add_argument("--data-root", default="", help="folder with datasets/demo (default: made)")
+    p.add_argument("--run-stage", default="", choices=("", "cpu", "cuda"), help=argparse.SUPPRESS)
+    p.add_argument("--stage-out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run_stage:
+        out = Path(args.stage_out or RESULTS / f"gpu_stage_{args.run_stage}.json")
+        run_stage(args.run_stage, out, args.tiny, args.data_root)
+        return 0
+    steps = args.steps.split(",")
+    unknown = set(steps) - set(TIMEOUTS_S)
+    if unknown:
+        p.error(f"--steps: unknown {sorted(unknown)}; valid: {list(TIMEOUTS_S)}")
+    import torch
+
+    if args.dry_run or not torch.cuda.is_available():
+        return dry_run(steps, Path(args.summary), args.data_root)
+    return run_steps(steps, Path(args.summary))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
