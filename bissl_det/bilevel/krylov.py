@@ -195,25 +195,29 @@ def finish_info(
     x: TensorTuple,
     b: TensorTuple,
     residual: float,
-    b_norm: float,
     tol: float,
     check_residual: bool,
-    **counts: int | bool,
+    *,
+    iterations: int,
+    products: int,
+    residual_is_true: bool,
+    negative_curvature: int,
+    truncated: bool,
 ) -> SolveInfo:
-    """Builds the :class:`SolveInfo`, replacing the residual by the true one if asked to."""
-    products = counts.pop("products")
-    is_true = counts.pop("residual_is_true")
+    """Builds the :class:`SolveInfo`, replacing ``residual`` by the true one if asked to."""
     if check_residual:
         residual, _ = true_residual(matvec, x, b)
-        products, is_true = products + 1, True
-    rel = residual / b_norm if b_norm > 0 else 0.0
+        products, residual_is_true = products + 1, True
+    b_norm = tuple_norm(b).item()
     return SolveInfo(
+        iterations=iterations,
         products=products,
         residual_norm=residual,
-        rel_residual=rel,
-        residual_is_true=is_true,
+        rel_residual=residual / b_norm if b_norm > 0 else 0.0,
+        residual_is_true=residual_is_true,
+        negative_curvature=negative_curvature,
+        truncated=truncated,
         converged=residual <= tol * b_norm,
-        **counts,
     )
 
 
@@ -230,11 +234,20 @@ def krylov_cg(
     preconditioner: Callable[[TensorTuple], TensorTuple] | None = None,
     x0: TensorTuple | None = None,
 ) -> tuple[TensorTuple, SolveInfo]:
-    """The one (preconditioned, optionally per-tensor) CG loop behind every CG-type solver.
+    """The one CG loop (plain, per-tensor, preconditioned) behind every CG-type solver.
 
-    Args: as :func:`conjugate_gradient`, plus ``solver`` (name in messages), ``per_tensor`` /
-    ``eps`` (layer-wise step sizes), ``preconditioner`` (``r -> M^-1 r``, symmetric) and ``x0``
-    (initial iterate; costs one product for ``r0 = b - A x0``).
+    Args:
+        matvec, b, max_iter, tol, on_negative_curvature, check_residual: As in
+            :func:`~bissl_det.bilevel.solvers.conjugate_gradient`.
+        solver: Name used in error messages.
+        per_tensor: One step size per tensor (layer-wise CG) instead of one for all.
+        eps: Added to the per-tensor denominators.
+        preconditioner: ``r -> M^-1 r`` (symmetric); None for ``M = I``.
+        x0: Initial iterate (costs one product for ``r0 = b - A x0``); None for 0. A first
+            direction of negative curvature returns ``x0``, or ``M^-1 b`` when ``x0`` is None.
+
+    Returns:
+        ``x`` and its :class:`SolveInfo`.
     """
     check_mode(on_negative_curvature, solver)
     b = prepare_rhs(b, max_iter, tol, solver)
@@ -257,6 +270,7 @@ def krylov_cg(
     threshold = tol * b_norm
     iterations = negative = 0
     truncated = False
+    is_true = not per_tensor  # CG's recurrence residual is b - A x in exact arithmetic
 
     def ratio(num: torch.Tensor, den: torch.Tensor) -> list[float]:
         # Layer-wise: a zero denominator gives that tensor a zero step, as in the reference.
@@ -269,14 +283,12 @@ def krylov_cg(
         iterations += 1
         with torch.no_grad():
             pap = _dots(tuple(p), tuple(ap))
-            if per_tensor:  # a tensor whose direction is zero has no curvature to test
-                bent = (pap <= 0) & (_dots(tuple(p), tuple(p)) > 0)
-                dens = pap.tolist()
-            else:
-                bent, dens = pap.sum().reshape(1) <= 0, [pap.sum().item()]
+            dens = pap.tolist() if per_tensor else [pap.sum().item()]
             for d in dens:
                 finite_or_raise(d, "p^T A p", solver, iterations)
-            met = int(bent.sum().item())
+            # Per tensor, a zero direction p_i (a block already solved) has no curvature to test.
+            sizes = _dots(tuple(p), tuple(p)).tolist() if per_tensor else [1.0]
+            met = sum(d <= 0 and s > 0 for d, s in zip(dens, sizes, strict=True))
             negative += met
             if met and on_negative_curvature == "raise":
                 raise indefinite_error(
@@ -286,7 +298,7 @@ def krylov_cg(
                 truncated = True
                 if iterations == 1 and x0 is None:  # nothing before: the first-order M^-1 b
                     x, r = p, torch._foreach_sub(list(b), ap)
-                    residual = tuple_norm(tuple(r)).item()
+                    residual, is_true = tuple_norm(tuple(r)).item(), True
                 break
             if per_tensor:
                 alphas = ratio(rz, pap)
@@ -324,12 +336,11 @@ def krylov_cg(
         tuple(x),
         b,
         residual,
-        b_norm,
         tol,
         check_residual,
         iterations=iterations,
         products=products,
-        residual_is_true=not per_tensor,
+        residual_is_true=is_true,
         negative_curvature=negative,
         truncated=truncated,
     )

@@ -80,9 +80,8 @@ def _lanczos(
         if norm == 0:
             raise ValueError(f"{name}: the start vector v0 is zero")
         q, q_prev = torch._foreach_div(list(v0), norm), None
-        tiny = (
-            100 * torch.finfo(accumulation_dtype(v0[0])).eps
-        )  # relative size of a beta that means "invariant"
+        # A beta this small relative to ||T|| means the Krylov space is invariant (rounding only).
+        tiny = 100 * torch.finfo(accumulation_dtype(v0[0])).eps
         scale = 0.0
         for step in range(1, steps + 1):
             if basis is not None:
@@ -125,7 +124,7 @@ def lanczos_extremes(
 
     The Ritz values of the Krylov space of ``v0`` lie inside the spectrum and its ends converge
     first; ``lam_min <= 0`` already proves that ``A`` is not positive definite (on the part of the
-    space ``v0`` reaches). Memory: three tuples shaped like ``v0``.
+    space ``v0`` reaches). Memory: three tuples shaped like ``v0`` besides ``matvec``'s output.
 
     Args:
         matvec: ``v -> A v`` on tuples shaped like ``v0``.
@@ -253,6 +252,7 @@ class LanczosBasis:
             check_pair(b, tuple(self._vectors[0]))
         except ValueError as e:
             raise ValueError(f"{name}: b does not match the basis vectors: {e}") from None
+        finite_or_raise(tuple_dot(b, b).item(), "||b||^2", name, 0)
         bent = self._theta <= 0
         negative = int(bent.sum())
         if negative and on_negative_curvature == "raise":
@@ -281,13 +281,19 @@ class LanczosBasis:
 
             c = coefficients(b)
             x = add_basis(b, g @ c)
-            b_norm = math.sqrt(finite_or_raise(tuple_dot(b, b).item(), "||b||^2", name, 0))
         truncated = negative > 0 and on_negative_curvature == "truncate"
         if max_iter > 0:
             x, info = krylov_cg(
-                self._matvec, b, max_iter, tol, on_negative_curvature, check_residual, name,
-                preconditioner=inverse, x0=x,
-            )  # fmt: skip
+                self._matvec,
+                b,
+                max_iter,
+                tol,
+                on_negative_curvature,
+                check_residual,
+                name,
+                preconditioner=inverse,
+                x0=x,
+            )
             return x, dataclasses.replace(
                 info,
                 negative_curvature=info.negative_curvature + negative,
@@ -301,7 +307,6 @@ class LanczosBasis:
             x,
             b,
             estimate,
-            b_norm,
             tol,
             check_residual,
             iterations=0,

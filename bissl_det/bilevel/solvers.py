@@ -257,7 +257,6 @@ def neumann_series(
         x,
         b,
         residual,
-        b_norm,
         tol,
         check_residual,
         iterations=iterations,
