@@ -1,21 +1,29 @@
-"""Config set-up shared by every tool: BiSSL keys, file + overrides, datasets, checks, logging."""
+"""Set-up shared by every tool: config (checked), datasets, OUTPUT_DIR (checked, locked), logs."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import default_setup
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from ..config import add_bissl_config
+from ..config_checks import (
+    TOOL_BATCHES,
+    ConfigOrigins,
+    check_batch_sizes,
+    check_config_values,
+    merge_with_origins,
+)
 from ..data.build import check_num_classes
 from ..data.detection import register_from_config
+from .logs import setup_run_logging
+from .run_lock import lock_output_dir, remove_stray_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -23,26 +31,23 @@ MIN_FREE_BYTES = 1 << 30  # a ResNet-50 BiSSL checkpoint with optimiser state is
 
 
 def load_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
-    """get_cfg + BiSSL keys + YAML + KEY VALUE overrides; errors name the file or key."""
+    """get_cfg + BiSSL keys + YAML + KEY VALUE overrides, every value checked.
+
+    Errors name the key and the file of the ``_BASE_`` chain (or the command line) that set it
+    (:mod:`bissl_det.config_checks`).
+    """
+    return _load_config(config_file, opts)[0]
+
+
+def _load_config(config_file: str, opts: list[str] | None) -> tuple[CfgNode, ConfigOrigins]:
     cfg = add_bissl_config(get_cfg())
     if not config_file:
         raise FileNotFoundError("--config-file is required (see configs/)")
-    if not Path(config_file).is_file():
-        raise FileNotFoundError(f"config file not found: {config_file}")
-    try:
-        cfg.merge_from_file(config_file)
-    except KeyError as e:
-        raise KeyError(f"{config_file}: {e.args[0]}") from None
-    try:
-        cfg.merge_from_list(list(opts or []))
-    except (KeyError, AssertionError, ValueError) as e:
-        # yacs reports an unknown key with an AssertionError: make it the KeyError a YAML gives.
-        kind = KeyError if "Non-existent key" in str(e) else type(e)
-        kind = ValueError if kind is AssertionError else kind
-        raise kind(f"command-line overrides {list(opts or [])}: {e}") from None
+    origins = merge_with_origins(cfg, config_file, list(opts or []))
+    check_config_values(cfg, origins)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return cfg, origins
 
 
 def check_output_dir(output_dir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
@@ -62,14 +67,32 @@ def check_output_dir(output_dir: str, min_free_bytes: int = MIN_FREE_BYTES) -> N
         )
 
 
-def setup(args) -> CfgNode:
-    """The ``setup(args)`` of every tool (``args`` from detectron2's default_argument_parser)."""
-    cfg = load_config(args.config_file, args.opts)
+def running_tool() -> str | None:
+    """The tool this process runs (``tools/<name>.py``), if it is one that trains."""
+    name = Path(sys.argv[0]).stem
+    return name if name in TOOL_BATCHES else None
+
+
+def setup(args, tool: str | None = None) -> CfgNode:
+    """The ``setup(args)`` of every tool (``args`` from detectron2's default_argument_parser).
+
+    Before anything is written: the config's values, the data sets, and ``tool``'s batch sizes
+    against the data and processes (``tool``: a key of TOOL_BATCHES, default the running
+    script's name). Then rank 0 takes OUTPUT_DIR's lock (a second run there is refused) and
+    removes temporary files that an interrupted write left.
+    """
+    cfg, origins = _load_config(args.config_file, args.opts)
     register_from_config(cfg)
     check_num_classes(cfg)
+    tool = tool or running_tool()
+    if tool and not getattr(args, "eval_only", False):
+        check_batch_sizes(cfg, origins, tool, comm.get_world_size())
     cfg.freeze()
     check_output_dir(cfg.OUTPUT_DIR)
-    default_setup(cfg, args)
-    # default_setup logs only "detectron2" and "fvcore"; our messages belong in log.txt too.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="bissl_det")
+    if comm.is_main_process():
+        lock_output_dir(cfg.OUTPUT_DIR)
+    # default_setup's work, without colour codes in log.txt and in redirected output.
+    setup_run_logging(cfg, args)
+    if comm.is_main_process():
+        remove_stray_temp_files(cfg.OUTPUT_DIR)
     return cfg
