@@ -7,6 +7,11 @@ the same file formats as the real data sets:
 - ``<out>/voc/``: Pascal VOC detection layout (``JPEGImages``, ``Annotations``,
   ``ImageSets/Main/{train,val,trainval,test}.txt``), loadable by detectron2's own
   ``load_voc_instances`` and evaluable by its ``PascalVOCDetectionEvaluator``.
+- ``<out>/coco/instances_{trainval,test}.json``: the same images and boxes in COCO format, with
+  the exact instance masks (the shapes are drawn, so their pixels are known): polygons for
+  squares and triangles, RLE for circles and crosses (drawn with an empty centre square).
+  Images: ``<out>/voc/JPEGImages``. Because of the RLE masks, Mask R-CNN training on it needs
+  ``INPUT.MASK_FORMAT: bitmask``.
 - ``<out>/cls/{train,test}/<class>/*.png``: ImageFolder classification, one shape per image, the
   training split deliberately imbalanced (3:2:1:1) so top-1 and mean per-class accuracy differ.
 - Unlabeled pretext images: the pretext task reuses ``<out>/voc/JPEGImages`` (labels ignored).
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 # Training-split class weights of the classification set (imbalanced on purpose).
@@ -71,16 +77,14 @@ def _rotated(points: np.ndarray, angle_deg: float) -> np.ndarray:
     return points @ rot.T
 
 
-def _shape_mask(
-    cls: str, size: int, center: tuple[float, float], side: float, angle: float
-) -> np.ndarray:
-    """Binary uint8 mask of one shape. ``side`` is its nominal extent in pixels."""
-    mask = np.zeros((size, size), dtype=np.uint8)
+def _shape_polygons(
+    cls: str, center: tuple[float, float], side: float, angle: float
+) -> list[np.ndarray] | None:
+    """Integer vertices (Nx2, x then y) of the polygons a shape is filled from; None: a circle."""
     cx, cy = center
     h = side / 2.0
     if cls == "circle":
-        cv2.circle(mask, (round(cx), round(cy)), max(1, round(h)), 1, -1, cv2.LINE_8)
-        return mask
+        return None
     if cls == "square":
         polys = [np.array([[-h, -h], [h, -h], [h, h], [-h, h]])]
     elif cls == "triangle":
@@ -93,9 +97,32 @@ def _shape_mask(
         ]
     else:
         raise ValueError(f"unknown shape class {cls!r}; expected one of {CLASS_NAMES}")
-    pts = [np.round(_rotated(p, angle) + (cx, cy)).astype(np.int32) for p in polys]
-    cv2.fillPoly(mask, pts, 1, cv2.LINE_8)
+    return [np.round(_rotated(p, angle) + (cx, cy)).astype(np.int32) for p in polys]
+
+
+def _shape_mask(
+    cls: str, size: int, center: tuple[float, float], side: float, angle: float
+) -> np.ndarray:
+    """Binary uint8 mask of one shape. ``side`` is its nominal extent in pixels."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    polys = _shape_polygons(cls, center, side, angle)
+    if polys is None:
+        cx, cy = center
+        cv2.circle(mask, (round(cx), round(cy)), max(1, round(side / 2.0)), 1, -1, cv2.LINE_8)
+    else:
+        cv2.fillPoly(mask, polys, 1, cv2.LINE_8)
     return mask
+
+
+def _segmentation(mask: np.ndarray, polys: list[np.ndarray] | None) -> list | dict:
+    """COCO segmentation of a drawn shape: its polygon (vertices at pixel centres, +0.5 in COCO's
+    continuous coordinates) for a square or triangle, else the exact mask as RLE. A cross is two
+    polygons filled in one even-odd pass, so its centre square stays empty; COCO polygons (a
+    union) cannot say that."""
+    if polys is not None and len(polys) == 1:
+        return [(polys[0].astype(np.float64) + 0.5).ravel().tolist()]
+    rle = mask_util.encode(np.asfortranarray(mask))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -125,25 +152,29 @@ def _finish(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def _detection_image(
-    rng: np.random.Generator, size: int
-) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
-    """One detection image with 1-4 non-overlapping shapes and their 0-based inclusive boxes."""
+Object = tuple[str, tuple[int, int, int, int], "list | dict"]
+
+
+def _detection_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[Object]]:
+    """One detection image with 1-4 non-overlapping shapes: (class, 0-based inclusive box,
+    COCO segmentation) each."""
     image = _background(rng, size)
-    objects: list[tuple[str, tuple[int, int, int, int]]] = []
+    objects: list[Object] = []
     for _ in range(int(rng.integers(1, 5))):
         for _attempt in range(30):
             cls = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
             side = float(rng.uniform(0.1, 0.4) * size)
             margin = side * 0.75 + 1
             center = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
-            mask = _shape_mask(cls, size, center, side, float(rng.uniform(-25, 25)))
+            angle = float(rng.uniform(-25, 25))
+            mask = _shape_mask(cls, size, center, side, angle)
             if not mask.any():
                 continue
             box = _mask_box(mask)
-            if all(not _boxes_overlap(box, other) for _, other in objects):
+            if all(not _boxes_overlap(box, other) for _, other, _ in objects):
                 _paint(image, mask, rng)
-                objects.append((cls, box))
+                polys = _shape_polygons(cls, center, side, angle)
+                objects.append((cls, box, _segmentation(mask, polys)))
                 break
     return _finish(image, rng), objects
 
@@ -158,9 +189,7 @@ def _classification_image(rng: np.random.Generator, size: int, cls: str) -> np.n
     return _finish(image, rng)
 
 
-def _voc_xml(
-    image_id: str, size: int, objects: list[tuple[str, tuple[int, int, int, int]]]
-) -> bytes:
+def _voc_xml(image_id: str, size: int, objects: list[Object]) -> bytes:
     """VOC annotation XML; boxes are written 1-based and inclusive, as in the VOC devkit."""
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = "voc"
@@ -172,7 +201,7 @@ def _voc_xml(
     ET.SubElement(size_el, "height").text = str(size)
     ET.SubElement(size_el, "depth").text = "3"
     ET.SubElement(root, "segmented").text = "0"
-    for cls, (x0, y0, x1, y1) in objects:
+    for cls, (x0, y0, x1, y1), *_ in objects:
         obj = ET.SubElement(root, "object")
         ET.SubElement(obj, "name").text = cls
         ET.SubElement(obj, "pose").text = "Unspecified"
@@ -197,12 +226,14 @@ def _split_counts(total: int, weights: tuple[int, ...]) -> list[int]:
 
 def _write_voc(
     out: Path, rng: np.random.Generator, num_trainval: int, num_test: int, size: int
-) -> dict:
+) -> tuple[dict, dict[str, list[Object]]]:
+    """Write the VOC folder; return its description and each image's objects."""
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     ids = [f"{i:06d}" for i in range(num_trainval + num_test)]
     instances = {split: dict.fromkeys(CLASS_NAMES, 0) for split in ("trainval", "test")}
     difficult = 0
+    objects_by_id = {}
     for i, image_id in enumerate(ids):
         image, objects = _detection_image(rng, size)
         ok = cv2.imwrite(
@@ -213,8 +244,9 @@ def _write_voc(
         if not ok:
             raise OSError(f"could not write {out / 'JPEGImages' / image_id}.jpg")
         (out / "Annotations" / f"{image_id}.xml").write_bytes(_voc_xml(image_id, size, objects))
+        objects_by_id[image_id] = objects
         split = "trainval" if i < num_trainval else "test"
-        for cls, (x0, y0, x1, y1) in objects:
+        for cls, (x0, y0, x1, y1), _ in objects:
             instances[split][cls] += 1
             difficult += max(x1 - x0 + 1, y1 - y0 + 1) < DIFFICULT_MAX_SIDE
     trainval, test = ids[:num_trainval], ids[num_trainval:]
@@ -222,11 +254,60 @@ def _write_voc(
     splits = {"trainval": trainval, "train": trainval[0::2], "val": trainval[1::2], "test": test}
     for name, members in splits.items():
         (out / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(m + "\n" for m in members))
-    return {
+    info = {
         "root": "voc",
         "images": {name: len(members) for name, members in splits.items()},
         "instances": instances,
         "difficult_instances": int(difficult),
+    }
+    return info, objects_by_id
+
+
+def _coco_split(ids: list[str], objects_by_id: dict[str, list[Object]], size: int) -> dict:
+    """COCO instances JSON content of the images ``ids`` (file names relative to JPEGImages)."""
+    images, annotations = [], []
+    for image_id in ids:
+        images.append(
+            {"id": int(image_id), "file_name": f"{image_id}.jpg", "height": size, "width": size}
+        )
+        for cls, (x0, y0, x1, y1), segmentation in objects_by_id[image_id]:
+            rles = (
+                mask_util.frPyObjects(segmentation, size, size)
+                if isinstance(segmentation, list)
+                else [segmentation]
+            )
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(image_id),
+                    "category_id": CLASS_NAMES.index(cls) + 1,
+                    # The tight box of the drawn pixels, as in the VOC XML (there 1-based).
+                    "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
+                    "area": int(mask_util.area(mask_util.merge(rles))),
+                    "segmentation": segmentation,
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(CLASS_NAMES)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _write_coco(out: Path, voc_root: Path, objects_by_id: dict[str, list[Object]], size: int):
+    """``<out>/instances_{trainval,test}.json``: the VOC splits with instance masks."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in ("trainval", "test"):
+        ids = (voc_root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+        path = out / f"instances_{split}.json"
+        path.write_text(json.dumps(_coco_split(ids, objects_by_id, size)) + "\n")
+        files[split] = f"{out.name}/{path.name}"
+    return {
+        "root": out.name,
+        "json": files,
+        "image_root": "voc/JPEGImages",
+        "format": "coco",
+        "masks": "polygons (vertices at pixel centres) for squares and triangles; exact RLE for "
+        "circles and crosses",
     }
 
 
@@ -288,29 +369,32 @@ def make_demo_data(
         if int(value) != value or value < low:
             raise ValueError(f"make_demo_data: {key}={value!r} must be an integer >= {low}")
     out = Path(out)
-    voc_dir, cls_dir = out / "voc", out / "cls"
+    voc_dir, cls_dir, coco_dir = out / "voc", out / "cls", out / "coco"
     if (out / INFO_FILE).is_file():
-        for stale in (voc_dir, cls_dir):
+        for stale in (voc_dir, cls_dir, coco_dir):
             if stale.exists():
                 shutil.rmtree(stale)
-    elif voc_dir.exists() or cls_dir.exists():
+    elif voc_dir.exists() or cls_dir.exists() or coco_dir.exists():
         raise FileExistsError(
-            f"{out} already holds voc/ or cls/ but no {INFO_FILE}: refusing to overwrite data "
-            "that this script did not write; choose another --out"
+            f"{out} already holds voc/, cls/ or coco/ but no {INFO_FILE}: refusing to overwrite "
+            "data that this script did not write; choose another --out"
         )
     # Independent streams, so changing the detection counts leaves the classification set alone.
     det_seq, cls_seq = np.random.SeedSequence(seed).spawn(2)
+    det_rng = np.random.default_rng(det_seq)
+    voc_info, objects_by_id = _write_voc(voc_dir, det_rng, num_train, num_test, image_size)
     info = {
         "description": "SYNTHETIC demo data (coloured shapes on textured noise), not real images",
         "generator": "datasets/make_demo_data.py",
         "seed": int(seed),
         "class_names": list(CLASS_NAMES),
         "detection": {
-            **_write_voc(voc_dir, np.random.default_rng(det_seq), num_train, num_test, image_size),
+            **voc_info,
             "format": "pascal_voc",
             "image_size": [image_size, image_size],
             "difficult_rule": f"max box side < {DIFFICULT_MAX_SIDE} px",
         },
+        "instance_masks": _write_coco(coco_dir, voc_dir, objects_by_id, image_size),
         "classification": {
             **_write_cls(
                 cls_dir, np.random.default_rng(cls_seq), num_cls_train, num_cls_test, cls_image_size
@@ -354,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wrote SYNTHETIC demo data to {args.out} (seed {args.seed}):")
     print(f"  {args.out / 'voc'}: VOC detection, images per split {det['images']}, ")
     print(f"    instances {det['instances']} ({det['difficult_instances']} difficult)")
+    print(f"  {args.out / 'coco'}: COCO JSON with instance masks of the VOC trainval/test images")
     print(f"  {args.out / 'cls'}: ImageFolder classification, {cls['images']}")
     print(f"  pretext images: {args.out / 'voc' / 'JPEGImages'} (labels unused)")
     print(f"  {args.out / INFO_FILE}; took {time.perf_counter() - start:.1f} s")

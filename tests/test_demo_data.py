@@ -166,3 +166,76 @@ def test_cli_main(tmp_path, capsys):
         48,
         3,
     )
+
+
+def _raster(segmentation, size: int) -> np.ndarray:
+    import pycocotools.mask as mask_util
+
+    rles = (
+        mask_util.frPyObjects(segmentation, size, size)
+        if isinstance(segmentation, list)
+        else [segmentation]
+    )
+    return mask_util.decode(mask_util.merge(rles)).astype(bool)
+
+
+def _ring(mask: np.ndarray) -> np.ndarray:
+    """Pixels within one pixel (8-neighbourhood) of the mask's boundary, inside or outside."""
+    import cv2
+
+    kernel = np.ones((3, 3), np.uint8)
+    m = mask.astype(np.uint8)
+    return (cv2.dilate(m, kernel) - cv2.erode(m, kernel)).astype(bool)
+
+
+@pytest.mark.parametrize("cls", ["circle", "square", "triangle", "cross"])
+def test_mask_annotation_reproduces_the_drawn_pixels(cls):
+    """Rasterising the COCO segmentation gives the drawn pixels: exactly for circles and crosses
+    (RLE), up to the one-pixel boundary ring for polygons (cv2 also fills the pixels its edges
+    touch)."""
+    rng = np.random.default_rng(len(cls))
+    ious = []
+    for _ in range(40):
+        side = float(rng.uniform(0.1, 0.4) * 96)
+        center = tuple(rng.uniform(side, 96 - side, size=2))
+        angle = float(rng.uniform(-25, 25))
+        drawn = demo._shape_mask(cls, 96, center, side, angle).astype(bool)
+        polys = demo._shape_polygons(cls, center, side, angle)
+        raster = _raster(demo._segmentation(drawn.astype(np.uint8), polys), 96)
+        exact = cls in ("circle", "cross")
+        if exact:
+            assert np.array_equal(raster, drawn)
+        else:
+            assert not (raster ^ drawn)[~_ring(drawn)].any()  # differences only on the boundary
+        ious.append((raster & drawn).sum() / (raster | drawn).sum())
+        # The annotation's box: the drawn mask's tight box, within a pixel for polygons.
+        (rx0, ry0, rx1, ry1), (x0, y0, x1, y1) = demo._mask_box(raster), demo._mask_box(drawn)
+        tol = 0 if exact else 1
+        assert abs(rx0 - x0) <= tol and abs(ry0 - y0) <= tol
+        assert abs(rx1 - x1) <= tol and abs(ry1 - y1) <= tol
+    assert min(ious) > (1.0 if exact else 0.7) - 1e-9
+    assert np.mean(ious) > (1.0 if exact else 0.85) - 1e-9
+
+
+def test_coco_json_matches_the_voc_folder_and_validates(tiny):
+    """Same images, boxes and classes as the VOC folder, loaded by detectron2 (and validated)."""
+    from bissl_det.data.detection import register_coco_json, register_voc_folder
+
+    from detectron2.data import DatasetCatalog
+
+    out, info = tiny
+    masks = info["instance_masks"]
+    for split in ("trainval", "test"):
+        coco_name, voc_name = f"demo_coco_{split}_{id(info)}", f"demo_voc_{split}_{id(info)}"
+        register_coco_json(coco_name, out / masks["json"][split], out / masks["image_root"])
+        register_voc_folder(voc_name, out / "voc", split, info["class_names"])
+        coco, voc = DatasetCatalog.get(coco_name), DatasetCatalog.get(voc_name)
+        assert [d["file_name"] for d in coco] == [d["file_name"] for d in voc]
+        for c, v in zip(coco, voc, strict=True):
+            assert [a["category_id"] for a in c["annotations"]] == [
+                a["category_id"] for a in v["annotations"]
+            ]
+            for a, b in zip(c["annotations"], v["annotations"], strict=True):
+                x, y, w, h = a["bbox"]
+                assert [x, y, x + w, y + h] == b["bbox"]
+                assert a["segmentation"]
