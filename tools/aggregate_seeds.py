@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import sha256_file, utc_now
 from bissl_det.utils.stats import flatten_metrics, summarise
 
@@ -54,11 +55,7 @@ def aggregate(results: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = describe(argparse.ArgumentParser(), __doc__)
     parser.add_argument("results", nargs="+", type=Path, help="results.json files")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = parser.parse_args(argv)

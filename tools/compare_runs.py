@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compare a baseline and a treatment (e.g. BiSSL) over seeds: mean +- std, difference, 95% CI.
+r"""Compare a baseline and a treatment (e.g. BiSSL) over seeds: mean +- std, difference, 95% CI.
 
     python tools/compare_runs.py --baseline 'output/ft_base_s*/results.json' \
         --treatment 'output/ft_bissl_s*/results.json' --out output/compare_voc
@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import sha256_file, utc_now
 from bissl_det.utils.stats import Difference, flatten_metrics, summarise, welch_difference
 
@@ -141,11 +142,7 @@ def plot(names, summaries, diffs, values, out: Path, confidence: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = describe(argparse.ArgumentParser(), __doc__)
     parser.add_argument("--baseline", nargs="+", required=True, metavar="GLOB")
     parser.add_argument("--treatment", nargs="+", required=True, metavar="GLOB")
     parser.add_argument("--names", nargs=2, default=("baseline", "BiSSL"), metavar="NAME")

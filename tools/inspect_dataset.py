@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Inspect a config's detection data and print settings that fit it (anchors, sizes, counts).
+r"""Inspect a config's detection data and print settings that fit it (anchors, sizes, counts).
 
     python tools/inspect_dataset.py --config-file configs/quick/finetune_C4_demo.yaml \
         --out output/inspect_demo
@@ -29,17 +29,14 @@ from bissl_det.data.inspect import (
     suggest_settings,
 )
 from bissl_det.engine.setup import load_config
+from bissl_det.utils.cli import describe
 from bissl_det.utils.plots import plot_histograms
 
 import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = describe(argparse.ArgumentParser(), __doc__)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="config to inspect")
     parser.add_argument("--out", type=Path, help="folder for the JSON and PNG")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

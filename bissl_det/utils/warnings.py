@@ -1,0 +1,28 @@
+"""The warnings every start printed, silenced where they arise and nowhere else.
+
+``fvcore.nn.focal_loss`` and ``detectron2.modeling.box_regression`` call ``torch.jit.script``
+when they are imported, and torch >= 2.10 deprecates it with a FutureWarning: warnings on every
+start, even for ``--help``, about code this project never calls. :mod:`bissl_det` imports this
+module right after :mod:`bissl_det.compat` (detectron2 needs the shims first): it imports those
+two modules once under a filter for exactly that message. Later imports are cached, and a
+``torch.jit.script`` call in user code still warns.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+TORCH_JIT_DEPRECATION = r"`torch\.jit\.script` is (deprecated|not supported)"
+SCRIPTED_AT_IMPORT = ("fvcore.nn.focal_loss", "detectron2.modeling.box_regression")
+
+
+def import_quietly(modules: tuple[str, ...] = SCRIPTED_AT_IMPORT) -> None:
+    """Import ``modules`` without the torch.jit deprecation FutureWarning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TORCH_JIT_DEPRECATION, category=FutureWarning)
+        for name in modules:
+            importlib.import_module(name)
+
+
+import_quietly()
