@@ -12,7 +12,7 @@ one row of dot products with the stored history.
 Where the history lives: one preallocated ``(m, n)`` matrix (``n`` = number of backbone
 parameters) on ``device``: ``m * n * 4`` bytes in float32, about 2 GB for a ResNet-50 at
 ``m = 20``. On the CPU (the default, as in BiSSLight) it costs no accelerator memory but every
-append copies one gradient to the host and every product reads the whole history in host
+append copies one gradient to the host and every product or solve reads the whole history in host
 memory; ``device=None`` keeps it on the gradients' device (fast, 2 GB of accelerator memory).
 The gradients appended are already averaged over processes, so every rank holds the same history
 and no product needs communication.
@@ -146,7 +146,7 @@ class EmpiricalFisherCurvature(Curvature):
         return True
 
     def solve_damped(self, b: TensorTuple, scale: float) -> TensorTuple:
-        """``(I + scale F)^-1 b`` exactly, by Woodbury (an ``m x m`` Cholesky solve).
+        """``(I + scale F)^-1 b`` exactly, by Woodbury (an ``m x m`` symmetric solve).
 
         Args:
             b: Right-hand side, shaped like the appended gradients (any device/dtype).
@@ -158,10 +158,13 @@ class EmpiricalFisherCurvature(Curvature):
             )
         rows, gram = self._held("solve_damped")
         flat = self._flatten(b, "solve_damped")
-        m = rows.shape[0]
-        system = gram + (m / scale) * torch.eye(m, dtype=gram.dtype, device=gram.device)
+        # (m/s I + G^T G)^-1 by eigendecomposition: nearly parallel gradients make the Gram
+        # matrix rank-deficient, and its rounding (float32 dots) can then leave eigenvalues
+        # slightly below 0, which Cholesky would refuse; they are 0 in exact arithmetic.
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        inverse = 1.0 / (rows.shape[0] / scale + eigenvalues.clamp_min(0.0))
         rhs = (rows @ flat).to(torch.float64)
-        coefficients = torch.cholesky_solve(rhs[:, None], torch.linalg.cholesky(system))[:, 0]
+        coefficients = eigenvectors @ (inverse * (eigenvectors.T @ rhs))
         return self._unflatten(flat - coefficients.to(rows.dtype) @ rows, b)
 
     # ---- Checkpointing ----------------------------------------------------------------------

@@ -258,6 +258,22 @@ def test_fisher_gram_kept_incrementally_and_state_round_trip():
         EmpiricalFisherCurvature(history_size=4).load_state_dict(fisher.state_dict())
 
 
+def test_fisher_solve_with_parallel_float32_gradients():
+    # Identical gradients: a rank-1 Gram matrix whose float32 rounding is not exactly PSD.
+    gen = torch.Generator().manual_seed(9)
+    g = 30.0 * torch.randn(100_000, generator=gen)
+    b = torch.randn(100_000, generator=gen)
+    fisher = EmpiricalFisherCurvature(history_size=20)
+    for _ in range(20):
+        fisher.append((g,))
+    for scale in (0.1, 1e3):  # F = g g^T; Sherman-Morrison in float64 as the reference
+        gd, bd = g.double(), b.double()
+        expected = bd - scale * gd * (gd @ bd) / (1 + scale * gd @ gd)
+        (x,) = fisher.solve_damped((b,), scale)
+        assert x.dtype == torch.float32
+        assert (x.double() - expected).norm() < 1e-5 * expected.norm()
+
+
 def test_fisher_rejects_bad_input():
     fisher = EmpiricalFisherCurvature(history_size=2)
     with pytest.raises(RuntimeError, match="history is empty"):
