@@ -63,7 +63,6 @@ def run_cls_eval(cfg: CfgNode, seeds: int = 1, linear_probe: bool = False) -> di
         "test_root": cfg.CLS.TEST_ROOT,
         "num_train": len(data.train_set),
         "num_test": len(data.eval_set),
-        "units": "percent",
         "hparams": {
             "lr": lr,
             "weight_decay": wd,

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from ..checkpoint.backbone import load_backbone_weights, read_backbone_weights
 from ..evaluation.evaluate import evaluate_classifier
 from ..solver.build import warmup_cosine
+from ..utils.plots import CLASSIFICATION_PLOTS
 from .cls_data import (
     ClassificationData,
     build_cls_eval_loader,
@@ -36,20 +37,6 @@ from .cls_data import (
 from .hooks import PlotMetrics, build_writers
 
 logger = logging.getLogger(__name__)
-
-ACCURACY_KEYS = ("top1", "mean_per_class_acc", "mAP")
-
-
-def cls_plots(eval_name: str) -> dict[str, tuple[str, list[str]]]:
-    """PlotMetrics' plots of a classification run scored on ``eval_name`` ("test" or "val")."""
-    return {
-        "loss.png": ("Training loss (cross-entropy, median of 20 steps)", ["total_loss"]),
-        "lr.png": ("Learning rate (cosine to 0)", ["lr"]),
-        "accuracy.png": (
-            f"{eval_name} accuracy (percent; higher is better)",
-            [f"{eval_name}/{k}" for k in ACCURACY_KEYS],
-        ),
-    }
 
 
 def _stay_in_eval_mode(module: nn.Module, mode: bool = True) -> nn.Module:
@@ -133,7 +120,7 @@ class ClassifierTrainer(SimpleTrainer):
             # Before the writer, so that the final evaluation is in metrics.json.
             hooks.EvalHook(solver.EVAL_PERIOD, self.evaluate),
             hooks.PeriodicWriter(build_writers(self.output_dir, self.max_iter), solver.LOG_PERIOD),
-            PlotMetrics(str(self.output_dir), cls_plots(self.eval_name), xlabel="step"),
+            PlotMetrics(str(self.output_dir), CLASSIFICATION_PLOTS, xlabel="step"),
         ]
 
     def evaluate(self) -> dict[str, dict[str, float]]:

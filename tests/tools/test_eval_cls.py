@@ -109,7 +109,7 @@ def test_trainer_writes_metrics_events_and_plots(tmp_path, backbone):
     assert evals[-1][1] == pytest.approx(final["top1"])
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
         "accuracy.png",
-        "loss.png",
+        "losses.png",
         "lr.png",
     ]
     if importlib.util.find_spec("tensorboard") is not None:
@@ -201,5 +201,5 @@ def test_command_line_linear_probe(tmp_path, backbone):
     )
     tool.main(args)
     results = json.loads((tmp_path / "cli" / "cls_results.json").read_text())
-    assert results["protocol"] == "linear_probe" and results["units"] == "percent"
+    assert results["protocol"] == "linear_probe" and results["units"]["top1"] == "percent"
     assert set(results["mean"]) == {"top1", "mean_per_class_acc"}
