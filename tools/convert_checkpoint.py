@@ -103,7 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra={"source_format": result.source_format, "depth": args.depth},
         )
     except ValueError as err:
-        print(f"error: refusing to write {args.output}: {err}", file=sys.stderr)
+        print(
+            f"error: refusing to write {args.output}: {args.input}: {err} (check --depth, or "
+            "choose the backbone with --format/--prefix)",
+            file=sys.stderr,
+        )
         return EXIT_REFUSED
     print(f"wrote {args.output}")
     return 0

@@ -1,4 +1,8 @@
-"""Reading checkpoint files safely and writing Detectron2 backbone checkpoints atomically.
+"""Checkpoint files: the one atomic writer, the one safe reader, Detectron2 backbone files.
+
+Every checkpoint, export and tag of the project is written by :func:`atomic_save` /
+:func:`atomic_write_text` (temporary file in the same folder, fsync, rename), and every file is
+read by :func:`load_checkpoint_file`, whose errors always name the path.
 
 The backbone checkpoint format is the one Detectron2's ``DetectionCheckpointer`` loads with its
 name-matching heuristics (as MoCo's converted checkpoints are)::
@@ -21,7 +25,10 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CheckpointFileError",
     "UntrustedCheckpointError",
+    "atomic_save",
+    "atomic_write_text",
     "load_checkpoint_file",
     "save_backbone_checkpoint",
 ]
@@ -31,8 +38,47 @@ logger = logging.getLogger(__name__)
 _RESERVED_KEYS = ("model", "__author__", "matching_heuristics")
 
 
+class CheckpointFileError(ValueError):
+    """A file is empty, truncated, corrupt or not a checkpoint; the message names the path."""
+
+
 class UntrustedCheckpointError(ValueError):
     """A checkpoint holds pickled Python objects that ``torch.load(weights_only=True)`` refuses."""
+
+
+def _atomic_write(path: str | os.PathLike[str], write) -> None:
+    """``write(file)`` into a temporary file next to ``path``, fsync, then rename over ``path``.
+
+    A failed or interrupted write never leaves a partial file at ``path``, and an existing file
+    there survives unchanged. Temporary files are named ``.<name>.<random>.tmp``.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(
+        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave the temporary file behind.
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike[str]) -> None:
+    """Write a small text file (e.g. the ``last_checkpoint`` tag) atomically."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_backbone_checkpoint(
@@ -84,22 +130,7 @@ def save_backbone_checkpoint(
         model[key] = value.float() if value.is_floating_point() else value
     payload = {**(extra or {}), "model": model, "__author__": author, "matching_heuristics": True}
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temporary file behind.
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_save(payload, path)
 
 
 def _refusal_reason(err: Exception) -> str:
@@ -110,6 +141,15 @@ def _refusal_reason(err: Exception) -> str:
         return text.splitlines()[0] if text else repr(err)
     reason = text[start:].split("Check the documentation")[0]
     return " ".join(reason.split())
+
+
+def _unreadable(path: str, err: BaseException) -> CheckpointFileError:
+    size = os.path.getsize(path)
+    reason = str(err).splitlines()[0] if str(err) else ""
+    return CheckpointFileError(
+        f"{path} is not a readable torch checkpoint ({size} bytes: truncated by an interrupted "
+        f"write or copy, corrupt, or not written by torch.save): {type(err).__name__}: {reason}"
+    )
 
 
 def load_checkpoint_file(path: str | os.PathLike[str], trust_pickle: bool = False) -> Any:
@@ -133,22 +173,32 @@ def load_checkpoint_file(path: str | os.PathLike[str], trust_pickle: bool = Fals
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        CheckpointFileError: if the file is empty, truncated, corrupt or not a checkpoint (torch's
+            own errors - ``EOFError``, ``PytorchStreamReader failed``, ``KeyError`` - do not say
+            which file).
         UntrustedCheckpointError: if the file holds pickled objects and ``trust_pickle`` is False.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointFileError(
+            f"{path} is empty (0 bytes): an interrupted write or copy; use an earlier file"
+        )
     if path.endswith(".pkl"):
         logger.info("Reading %s with pickle (trusted input only: pickle can run code)", path)
-        with open(path, "rb") as f:
-            # latin1: Caffe2/Detectron1 pickles were written by Python 2.
-            return pickle.load(f, encoding="latin1")
+        try:
+            with open(path, "rb") as f:
+                # latin1: Caffe2/Detectron1 pickles were written by Python 2.
+                return pickle.load(f, encoding="latin1")
+        except Exception as err:
+            raise _unreadable(path, err) from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # Only a refused Python object is a question of trust; anything else is a broken file.
         if not any(s in str(err) for s in ("Unsupported global", "Unsupported class")):
-            raise ValueError(
+            raise CheckpointFileError(
                 f"{path} is not a readable torch checkpoint (corrupt or not written by "
                 f"torch.save): {_refusal_reason(err)}"
             ) from err
@@ -159,9 +209,14 @@ def load_checkpoint_file(path: str | os.PathLike[str], trust_pickle: bool = Fals
                 "you trust the file's source, load it with trust_pickle=True (CLI: "
                 f"--trust-pickle); unpickling can execute arbitrary code. {_refusal_reason(err)}"
             ) from err
+    except Exception as err:
+        raise _unreadable(path, err) from err
     logger.warning(
         "Loading %s with torch.load(weights_only=False) because trust_pickle=True: this "
         "unpickles arbitrary objects and must only be done for trusted files",
         path,
     )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise _unreadable(path, err) from err

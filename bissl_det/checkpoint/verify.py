@@ -1,13 +1,13 @@
-"""Proof that a backbone checkpoint really initialised a detector: zero missing backbone keys."""
+"""Proof that a backbone checkpoint really initialised a detector: every value, in one place."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..modeling.meta_arch import pair_by_suffix
-from .convert import check_complete, convert_to_detectron2, resnet_detectron2_keys
-from .io import load_checkpoint_file
+from .backbone import read_backbone_weights
+from .keys import check_complete, resnet_detectron2_keys
+from .pairing import pair_by_suffix
 
 
 def verify_backbone_loaded(model: nn.Module, weights: str, depth: int = 50) -> int:
@@ -16,7 +16,7 @@ def verify_backbone_loaded(model: nn.Module, weights: str, depth: int = 50) -> i
     Raises ValueError/KeyError naming the keys when the checkpoint lacks backbone keys, a key
     has no (or several) homes in the model, or a loaded value differs. Returns the count.
     """
-    backbone = convert_to_detectron2(load_checkpoint_file(weights)).model
+    backbone = read_backbone_weights(weights)
     check_complete(backbone, resnet_detectron2_keys(depth))
     backbone = {k: v for k, v in backbone.items() if not k.endswith("num_batches_tracked")}
     pairs = pair_by_suffix(backbone, model.state_dict(keep_vars=False), "tensor")

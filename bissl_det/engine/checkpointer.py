@@ -1,40 +1,90 @@
-"""Checkpoints of a BiSSL run: crash-safe writes, resumable state, the lower-backbone export."""
+"""The trainers' checkpointer: atomic writes, a resume point that is never garbage, exact RNG.
+
+File handling (atomic writes, safe reads, backbone export/import) lives in
+:mod:`bissl_det.checkpoint`; this module holds only what is about a training run:
+
+* :class:`AtomicCheckpointer`: Detectron2's checkpointer with atomic files and tag; diagnostic
+  checkpoints that are never tagged; ``--resume`` that skips unreadable, non-finite and
+  diagnostic files (falling back to the newest good one, and saying so) and warns which
+  optimiser settings of the config the checkpoint overrides.
+* :class:`TrainingProgress`: warm-up done, batches drawn per level, every rank's RNG state.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 
-from ..checkpoint import convert_to_detectron2, load_checkpoint_file, save_backbone_checkpoint
-from ..checkpoint.convert import detectron2_to_torchvision
+from ..checkpoint import (
+    CheckpointFileError,
+    atomic_save,
+    atomic_write_text,
+    export_backbone,
+    load_checkpoint_file,
+    load_pretext_checkpoint,
+    lower_state_without_backbone,
+)
+
+# Re-exported: these moved to bissl_det.checkpoint; existing imports keep working.
+__all__ = [
+    "AtomicCheckpointer",
+    "TrainingProgress",
+    "UnusableCheckpointError",
+    "export_backbone",
+    "load_pretext_checkpoint",
+    "lower_state_without_backbone",
+]
 
 logger = logging.getLogger(__name__)
 
+DIAGNOSTIC_PREFIX = "model_nonfinite_"
+_NUMBERED = re.compile(r"model_(\d+)\.pth")
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``.
 
-    A crash mid-write leaves the previous file intact; readers never see a partial file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+class UnusableCheckpointError(CheckpointFileError):
+    """A training checkpoint that loads but must not be resumed from (non-finite, diagnostic)."""
+
+
+def _resume_order(name: str) -> tuple[int, int]:
+    """Newest first: model_final, then model_<iter> by iteration, then model_warmup."""
+    if name == "model_final.pth":
+        return (0, 0)
+    numbered = _NUMBERED.fullmatch(name)
+    if numbered:
+        return (1, -int(numbered.group(1)))
+    return (2, 0)
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer whose checkpoint and ``last_checkpoint`` tag are written atomically."""
+    """DetectionCheckpointer whose files and ``last_checkpoint`` tag are written atomically.
+
+    In multi-process runs :meth:`save` is collective (every process calls it at the same
+    step: it gathers each rank's RNG state; rank 0 writes). :meth:`save_diagnostic` is not.
+    """
 
     def save(self, name: str, **kwargs) -> None:
+        progress = self.checkpointables.get("progress")
+        if isinstance(progress, TrainingProgress) and comm.get_world_size() > 1:
+            progress.rank_rng = comm.gather(rng_state(), dst=0) or None
+        try:
+            self._write(name, tag=True, **kwargs)
+        finally:
+            if isinstance(progress, TrainingProgress):
+                progress.rank_rng = None
+
+    def save_diagnostic(self, name: str, **kwargs) -> None:
+        """Write the state for post-mortem only: never tagged, never a resume point."""
+        self._write(name, tag=False, **kwargs)
+
+    def _write(self, name: str, tag: bool, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
@@ -43,128 +93,178 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
-        atomic_torch_save(data, save_file)
-        self.tag_last_checkpoint(basename)
+        atomic_save(data, save_file)
+        if tag:
+            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        tag = Path(self.save_dir) / "last_checkpoint"
-        tmp = tag.with_name(".last_checkpoint.tmp")
-        tmp.write_text(last_filename_basename)
-        os.replace(tmp, tag)
+        atomic_write_text(last_filename_basename, Path(self.save_dir) / "last_checkpoint")
+
+    # ---- Resume ------------------------------------------------------------------------------
+
+    def resume_candidates(self) -> list[str]:
+        """The tagged checkpoint, then every other training checkpoint, newest first."""
+        tagged = self.get_checkpoint_file()
+        others = sorted(
+            (
+                name
+                for name in os.listdir(self.save_dir)
+                if name.startswith("model_")
+                and name.endswith(".pth")
+                and not name.startswith(DIAGNOSTIC_PREFIX)
+                and os.path.join(self.save_dir, name) != tagged
+            ),
+            key=_resume_order,
+        )
+        return [tagged] + [os.path.join(self.save_dir, name) for name in others]
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
+        """Resume from the newest usable checkpoint; never from a broken or non-finite one.
+
+        Raises:
+            CheckpointFileError: ``resume`` and checkpoints exist, but none is usable (lists
+                each file and why): a run never silently restarts from scratch.
+        """
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        rejected = []
+        for candidate in self.resume_candidates():
+            if not os.path.isfile(candidate):
+                rejected.append(f"{candidate} (tagged in last_checkpoint) does not exist")
+                continue
+            try:
+                checkpoint = self.load(candidate)
+            except CheckpointFileError as err:
+                rejected.append(str(err))
+                continue
+            if rejected:
+                logger.warning(
+                    "--resume: not resuming from %s; resuming from %s, the newest usable "
+                    "checkpoint, instead",
+                    "; ".join(rejected),
+                    candidate,
+                )
+            return checkpoint
+        raise CheckpointFileError(
+            f"--resume: no usable checkpoint in {self.save_dir}: {'; '.join(rejected)}. Remove "
+            "the broken files (or start without --resume in a new OUTPUT_DIR)"
+        )
+
+    def _load_file(self, filename: str) -> dict:
+        """Read and check a training checkpoint before anything of the run is changed."""
+        checkpoint = load_checkpoint_file(filename)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+            raise CheckpointFileError(f"{filename} is not a training checkpoint (no 'model')")
+        if "diagnostic" in checkpoint or Path(filename).name.startswith(DIAGNOSTIC_PREFIX):
+            raise UnusableCheckpointError(
+                f"{filename} is a diagnostic checkpoint of a failed step, not a resume point"
+            )
+        nonfinite = [
+            key
+            for key, value in checkpoint["model"].items()
+            if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all()
+        ]
+        if nonfinite:
+            raise UnusableCheckpointError(
+                f"{filename} holds {len(nonfinite)} non-finite tensors, e.g. {nonfinite[:5]}"
+            )
+        self._warn_overridden_settings(filename, checkpoint)
+        return checkpoint
+
+    def _warn_overridden_settings(self, filename: str, checkpoint: dict) -> None:
+        """Say which optimiser settings of the config the checkpoint's state replaces."""
+        changed = []
+        for key, obj in self.checkpointables.items():
+            if not isinstance(obj, torch.optim.Optimizer) or key not in checkpoint:
+                continue
+            saved_groups = checkpoint[key].get("param_groups", [])
+            for index, (now, saved) in enumerate(zip(obj.param_groups, saved_groups, strict=False)):
+                # With a scheduler "lr" follows the schedule; "initial_lr" is the configured lr.
+                skip = ("params", "lr") if "initial_lr" in now else ("params",)
+                for setting, value in now.items():
+                    if setting not in skip and setting in saved and saved[setting] != value:
+                        changed.append(
+                            f"{key} group {index} {setting}: config {value}, checkpoint "
+                            f"{saved[setting]}"
+                        )
+        if changed:
+            logger.warning(
+                "--resume from %s: the checkpoint's optimiser settings override the config's "
+                "(%s). To train with the new values, start a new run from the exported backbone",
+                filename,
+                "; ".join(changed),
+            )
+
+
+def rng_state() -> dict:
+    """This process's torch/NumPy/Python (and CUDA) RNG states, as plain tensors and lists.
+
+    Plain containers only, so checkpoints load with ``torch.load(weights_only=True)``.
+    """
+    np_state = np.random.get_state()
+    state = {
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python_rng": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch_rng"])
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 class TrainingProgress:
     """Trainer state beyond weights: warm-up done, batches drawn per level, RNG states.
 
     Checkpointed with the weights so that ``--resume`` continues with the same data and the same
-    random augmentations as an uninterrupted run (exact with NUM_WORKERS = 0).
+    random augmentations as an uninterrupted run (exact with NUM_WORKERS = 0). Multi-process:
+    ``rank_rng`` holds every rank's state (gathered by :meth:`AtomicCheckpointer.save`), and
+    rank r restores its own.
     """
 
     def __init__(self) -> None:
         self.warmup_done = False
         self.pretext_batches = 0
         self.downstream_batches = 0
+        self.rank_rng: list[dict] | None = None
 
     def state_dict(self) -> dict:
-        np_state = np.random.get_state()
         state = {
             "warmup_done": self.warmup_done,
             "pretext_batches": self.pretext_batches,
             "downstream_batches": self.downstream_batches,
-            # Plain tensors and lists only, so checkpoints load with torch.load(weights_only=True).
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": [
-                np_state[0],
-                torch.from_numpy(np_state[1].astype(np.int64)),
-                *np_state[2:],
-            ],
-            "python_rng": random.getstate(),
+            **rng_state(),
         }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state()
+        if self.rank_rng is not None:
+            state["rank_rng"] = self.rank_rng
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.warmup_done = bool(state["warmup_done"])
         self.pretext_batches = int(state["pretext_batches"])
         self.downstream_batches = int(state["downstream_batches"])
-        torch.set_rng_state(state["torch_rng"])
-        kind, keys, *rest = state["numpy_rng"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        version, internal, gauss = state["python_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
-
-
-def lower_state_without_backbone(lower: torch.nn.Module) -> dict:
-    """The pretext head's state (projector, predictor, BYOL target): ``lower`` minus ``encoder``."""
-    return {k: v for k, v in lower.state_dict().items() if not k.startswith("encoder.")}
-
-
-def export_backbone(
-    pretext_model: torch.nn.Module, output_dir: str | os.PathLike, pretext: str, name: str
-) -> dict[str, Path]:
-    """Write a pretext model's ResNet for fine-tuning, in Detectron2 and torchvision layouts.
-
-    ``<name>.pth`` loads as MODEL.WEIGHTS (Detectron2's matching heuristics put res5 into
-    ``roi_heads.res5`` for C4) and carries the pretext head so it can seed a BiSSL run;
-    ``<name>_torchvision.pth`` is a torchvision ResNet state dict (no ``fc``).
-    """
-    output_dir = Path(output_dir)
-    resnet = pretext_model.encoder.resnet
-    backbone = {k: v.detach().cpu() for k, v in resnet.state_dict().items()}
-    d2_path = output_dir / f"{name}.pth"
-    tv_path = output_dir / f"{name}_torchvision.pth"
-    head = {k: v.detach().cpu() for k, v in lower_state_without_backbone(pretext_model).items()}
-    save_backbone_checkpoint(d2_path, backbone, extra={"pretext": pretext, "pretext_head": head})
-    torchvision_sd, _ = detectron2_to_torchvision(backbone)
-    atomic_torch_save(torchvision_sd, tv_path)
-    return {"detectron2": d2_path, "torchvision": tv_path}
-
-
-def load_pretext_checkpoint(model, path: str, pretext: str) -> None:
-    """Initialise both levels of a BiSSL model from a pretext (SSL) checkpoint.
-
-    Any format :func:`convert_to_detectron2` knows is accepted (torchvision, MoCo, solo-learn,
-    lightly, Detectron2, ours). theta and phi both start from its backbone; the pretext head is
-    loaded too when the checkpoint carries one of the same task (ours do), else it starts fresh.
-    """
-    checkpoint = load_checkpoint_file(path)
-    result = convert_to_detectron2(checkpoint)
-    own = model.lower_backbone.state_dict()
-    # load_state_dict's size-mismatch error would not name the file; list every mismatch here.
-    mismatched = [
-        f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
-        for k, v in result.model.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if mismatched:
-        raise ValueError(
-            f"{path}: backbone shapes do not match MODEL.RESNETS ({len(mismatched)} tensors), "
-            f"e.g. {mismatched[:5]}"
-        )
-    incompatible = model.lower_backbone.load_state_dict(result.model, strict=False)
-    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or incompatible.unexpected_keys:
-        raise KeyError(
-            f"{path}: backbone does not match MODEL.RESNETS - missing keys {missing}, "
-            f"unexpected keys {incompatible.unexpected_keys}"
-        )
-    head = checkpoint.get("pretext_head") if isinstance(checkpoint, dict) else None
-    if head is not None and checkpoint.get("pretext") == pretext:
-        own = lower_state_without_backbone(model.lower)
-        if set(head) != set(own):
-            raise KeyError(f"{path}: pretext_head keys do not match the {pretext} head")
-        model.lower.load_state_dict({**model.lower.state_dict(), **head})
-        logger.info("Loaded the %s pretext head from %s", pretext, path)
-    elif hasattr(model.lower, "target_encoder"):
-        # A fresh BYOL target starts as a copy of the online network.
-        model.lower.update_target(momentum=0.0)
-    model.copy_lower_backbone_to_upper()
-    logger.info(
-        "Initialised both levels from %s (%s format; dropped heads: %d keys)",
-        path,
-        result.source_format,
-        len(result.dropped_heads),
-    )
+        world, rank = comm.get_world_size(), comm.get_rank()
+        per_rank = state.get("rank_rng")
+        if per_rank is not None and len(per_rank) == world:
+            set_rng_state(per_rank[rank])
+            return
+        if world > 1:
+            saved = f"{len(per_rank)} processes" if per_rank else "one process's state only"
+            logger.warning(
+                "--resume: the checkpoint holds RNG states of %s, this run has %d processes: "
+                "every rank restarts from rank 0's state, so random augmentations are not "
+                "those of an uninterrupted run",
+                saved,
+                world,
+            )
+        set_rng_state(state)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
 
+class DivergenceError(FloatingPointError):
+    """Training diverged; the diagnostic checkpoint is written and named in the message."""
+
+
 class FaultChecks:
-    """Mixin for trainers with ``cfg``, ``iter`` and ``checkpointer``.
+    """Mixin for trainers with ``cfg``, ``iter`` and an :class:`AtomicCheckpointer`.
 
     A NaN/Inf loss, gradient norm or solver residual never continues silently (no nan_to_num):
-    the state is saved as ``model_nonfinite_<unit><iter>.pth`` and a FloatingPointError names
-    the level, the iteration and the step.
+    the state is saved as ``model_nonfinite_<unit><iter>.pth`` (never tagged as the resume
+    point; it records the level, stage and step) and a :class:`DivergenceError` names them.
     """
 
     unit = "iteration"  # what ``iter`` counts, for messages
@@ -24,11 +30,23 @@ class FaultChecks:
 
     def fail_nonfinite(self, message: str, level: str, step: int) -> None:
         name = f"model_nonfinite_{self.unit}{self.iter:07d}"
-        self.checkpointer.save(name, iteration=self.iter)
-        raise FloatingPointError(
+        diagnostic = {"message": message, "level": level, self.unit: self.iter, "step": step}
+        self.checkpointer.save_diagnostic(name, iteration=self.iter, diagnostic=diagnostic)
+        raise DivergenceError(
             f"{message} at the {level} level, {self.unit} {self.iter}, step {step}; diagnostic "
             f"checkpoint: {self.cfg.OUTPUT_DIR}/{name}.pth"
         )
+
+    @contextlib.contextmanager
+    def divergence_guard(self, level: str, step: int) -> Iterator[None]:
+        """Treat a FloatingPointError raised inside Detectron2 (e.g. its RPN's "Predicted boxes
+        or scores contain Inf/NaN") like the project's own checks: diagnostic checkpoint."""
+        try:
+            yield
+        except DivergenceError:
+            raise
+        except FloatingPointError as err:
+            self.fail_nonfinite(f"Detectron2: {err}", level, step)
 
     def clip_and_check(self, params, max_norm: float, level: str, step: int) -> float:
         """Clip the gradient norm (max_norm > 0) and stop on a non-finite norm; returns it."""

@@ -6,9 +6,14 @@ import logging
 import os
 
 from detectron2.engine import DefaultTrainer
+from detectron2.utils import comm
 
+from ..checkpoint import check_detector_weights
 from ..checkpoint.verify import verify_backbone_loaded
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics
+from ..utils.plots import FINETUNE_PLOTS
+from .hooks import PlotMetrics
+from .signals import with_graceful_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -21,21 +26,32 @@ class FinetuneTrainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_detection_evaluator(cfg, dataset_name, output_folder)
 
+    def build_hooks(self) -> list:
+        # DefaultTrainer's writers: console, metrics.json, TensorBoard; plots after them.
+        plots = [PlotMetrics(self.cfg.OUTPUT_DIR, FINETUNE_PLOTS, "iteration")]
+        plots = plots if comm.is_main_process() else []
+        return with_graceful_interrupt([*super().build_hooks(), *plots])
+
     def resume_or_load(self, resume: bool = True) -> None:
+        """Resume, or initialise from MODEL.WEIGHTS - refused if a backbone tensor stays unset."""
         resuming = resume and self.checkpointer.has_checkpoint()
-        super().resume_or_load(resume=resume)
         weights = self.cfg.MODEL.WEIGHTS
-        if not resuming and weights and is_backbone_checkpoint(weights):
+        kind = None
+        if not resuming:
+            kind = check_initial_weights(self.model, weights)
+        super().resume_or_load(resume=resume)
+        if kind == "backbone":
             count = verify_backbone_loaded(self.model, weights, self.cfg.MODEL.RESNETS.DEPTH)
             logger.info("All %d backbone tensors of %s loaded (no missing key)", count, weights)
 
 
-def is_backbone_checkpoint(path: str) -> bool:
-    """Backbone-only checkpoints (ours, converted SSL ones) vs full detector checkpoints."""
-    from ..checkpoint import load_checkpoint_file
-
-    checkpoint = load_checkpoint_file(path)
-    return isinstance(checkpoint, dict) and bool(checkpoint.get("matching_heuristics", False))
+def check_initial_weights(model, weights: str, *, whole_model: bool = False) -> str | None:
+    """Refuse MODEL.WEIGHTS that would leave tensors of ``model`` random (see
+    :func:`~bissl_det.checkpoint.check_detector_weights`); warn for empty weights."""
+    if not weights:
+        logger.warning("MODEL.WEIGHTS is empty: the detector starts from random weights")
+        return None
+    return check_detector_weights(model, weights, whole_model=whole_model)
 
 
 def summarise(test_sets: list[str], results: dict) -> dict[str, dict[str, float]]:

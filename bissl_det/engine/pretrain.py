@@ -23,15 +23,17 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from torch import nn
 
+from ..checkpoint import export_backbone, load_pretext_weights
 from ..data.build import build_pretext_loader
 from ..modeling.backbone import PooledEncoder, build_resnet_trunk
 from ..modeling.meta_arch import build_pretext_model
 from ..modeling.pretext import cosine_ema_momentum
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, is_distributed
-from .checkpointer import AtomicCheckpointer, TrainingProgress, export_backbone
+from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .faults import FaultChecks
 from .hooks import ExportBackbone
+from .resume import warn_inexact_resume
 
 logger = logging.getLogger(__name__)
 
@@ -106,24 +108,26 @@ class PretrainTrainer(FaultChecks, TrainerBase):
             checkpoint = self.checkpointer.resume_or_load("", resume=True)
             self.start_iter = checkpoint.get("iteration", -1) + 1
             logger.info("Resuming pretraining at step %d", self.start_iter)
+            warn_inexact_resume(self.cfg)
             return
         self.start_iter = 0
         if self.cfg.MODEL.WEIGHTS:
-            logger.warning(
-                "MODEL.WEIGHTS = %s is ignored: pretraining starts from random weights",
-                self.cfg.MODEL.WEIGHTS,
-            )
+            # Continue pretraining from a checkpoint: every backbone tensor, or refused.
+            load_pretext_weights(self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name)
+        else:
+            logger.info("MODEL.WEIGHTS is empty: pretraining starts from random weights")
 
     def build_hooks(self) -> list:
         cfg, period = self.cfg, self.cfg.PRETRAIN.CHECKPOINT_PERIOD
-        hook_list = [hooks.IterationTimer()]
+        # Every process checkpoints: a save gathers each rank's RNG state (rank 0 writes).
+        hook_list = [
+            hooks.IterationTimer(),
+            hooks.PeriodicCheckpointer(self.checkpointer, period or self.max_iter, self.max_iter),
+        ]
         if comm.is_main_process():
             out = cfg.OUTPUT_DIR
             writers = [CommonMetricPrinter(self.max_iter), JSONWriter(f"{out}/metrics.json")]
             hook_list += [
-                hooks.PeriodicCheckpointer(
-                    self.checkpointer, period or self.max_iter, self.max_iter
-                ),
                 ExportBackbone(period),
                 hooks.PeriodicWriter(writers, cfg.PRETRAIN.LOG_PERIOD),
             ]

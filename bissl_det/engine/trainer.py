@@ -44,6 +44,7 @@ from .checkpointer import (
 )
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, build_writers
+from .resume import warn_inexact_resume
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             checkpoint = self.checkpointer.resume_or_load("", resume=True)
             self.start_iter = checkpoint.get("iteration", -1) + 1
             logger.info("Resuming at stage %d", self.start_iter)
+            warn_inexact_resume(self.cfg)
             return
         self.start_iter = 0
         if self.cfg.MODEL.WEIGHTS:
@@ -137,13 +139,14 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         cfg = self.cfg
         period = cfg.BISSL.CHECKPOINT_PERIOD
         hook_list = [hooks.IterationTimer()]
-        if comm.is_main_process():
-            hook_list.append(
-                # Period 0: only the final checkpoint.
-                hooks.PeriodicCheckpointer(
-                    self.checkpointer, period or self.max_iter, max_iter=self.max_iter
-                )
+        # Every process: a save gathers each rank's RNG state (rank 0 writes). Period 0: only
+        # the final checkpoint.
+        hook_list.append(
+            hooks.PeriodicCheckpointer(
+                self.checkpointer, period or self.max_iter, max_iter=self.max_iter
             )
+        )
+        if comm.is_main_process():
             hook_list.append(ExportBackbone(period))
         if cfg.TEST.EVAL_PERIOD > 0:
             hook_list.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate))
@@ -229,7 +232,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         start = time.perf_counter()
         try:
             for it in range(iters):
-                losses = self.model.downstream_losses(self.next_downstream_batch())
+                with self.divergence_guard("upper (warm-up)", it):
+                    losses = self.model.downstream_losses(self.next_downstream_batch())
                 loss = sum(losses.values())
                 self.check_finite(loss, "head warm-up loss", "upper (warm-up)", it)
                 optimizer.zero_grad(set_to_none=True)
@@ -333,7 +337,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         batch = self.next_downstream_batch()
 
         # L_D(theta, phi_d): g for the implicit gradient, and phi_d's first gradient term.
-        with self.first_order_precision():
+        with self.first_order_precision(), self.divergence_guard("upper", step):
             lower_view = sum(model.downstream_losses(batch, with_lower_backbone=True).values())
         self.check_finite(lower_view, "downstream loss on theta", "upper", step)
         grads = torch.autograd.grad(lower_view, (*pairs.lower, *head), allow_unused=True)
@@ -355,7 +359,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
         # gamma * L_D(phi, phi_d) on the same batch.
         self.upper_optimizer.zero_grad(set_to_none=True)
-        with self.first_order_precision():
+        with self.first_order_precision(), self.divergence_guard("upper", step):
             upper_losses = model.downstream_losses(batch)
             upper_loss = sum(upper_losses.values())
         self.check_finite(upper_loss, "downstream loss on phi", "upper", step)
