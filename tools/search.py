@@ -10,9 +10,10 @@ CLS.SEARCH.LR_RANGE / WD_RANGE as tools/eval_cls.py trains; a detection config
 tools/finetune_det.py fine-tunes. Trials train on the training data minus a held-out split and
 are scored there; the test split is never read. --workers N: N processes, one GPU each.
 Several jobs (e.g. a Slurm array) may share a study: same --study-name and --storage on a shared
-disk, --workers 1 each. Rerunning resumes the study; --trials may grow. Writes
-OUTPUT_DIR/search_results.json and best_config.yaml; test the best with eval_cls.py /
-finetune_det.py --config-file OUTPUT_DIR/best_config.yaml (a separate, explicit step).
+disk, --workers 1 and an OUTPUT_DIR of its own each (one run per folder). Rerunning resumes
+the study; --trials may grow. Writes OUTPUT_DIR/search_results.json and best_config.yaml; test
+the best with eval_cls.py / finetune_det.py --config-file OUTPUT_DIR/best_config.yaml (a
+separate, explicit step).
 """
 
 import logging
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
-from bissl_det.engine.setup import setup
+from bissl_det.engine.setup import load_config, setup
 from bissl_det.engine.signals import EXIT_INTERRUPTED, TrainingInterrupted
 from bissl_det.search import SearchOptions, run_search
 from bissl_det.search.study import SAMPLERS
@@ -76,7 +77,10 @@ def main(args):
     if args.num_gpus != 1 or args.num_machines != 1:
         raise SystemExit("search.py: a trial uses one device; parallelise with --workers N")
     options = options_from_args(args)
-    return run_search(setup(args), options)
+    # The batch-size checks of the tool whose training the trials run.
+    arch = load_config(args.config_file, args.opts).MODEL.META_ARCHITECTURE
+    tool = "eval_cls" if arch == "ResNetClassifier" else "finetune_det"
+    return run_search(setup(args, tool=tool), options)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 ``run_search(cfg, options)`` with ``options.workers`` = N starts N processes, worker k seeing
 only GPU k (CUDA_VISIBLE_DEVICES); with 1 it works in this process, which is also how separate
 jobs (Slurm array tasks) join one study: same ``--study-name`` and ``--storage``, ``--workers 1``
-each. Rerunning the command resumes the study: completed trials are kept, interrupted ones are
-marked FAIL and replaced, and the budget ``options.trials`` may grow.
+and its own OUTPUT_DIR each (the run lock allows one run per folder; every job's report shows the
+whole study). Rerunning the command resumes the study: completed trials are kept, interrupted
+ones are marked FAIL and replaced, and the budget ``options.trials`` may grow.
 """
 
 from __future__ import annotations
