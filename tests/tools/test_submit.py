@@ -1,0 +1,109 @@
+"""tools/submit.py: launch flags from the job, requeue with --resume, a real local submitit run
+that is preempted (submitit's SIGUSR2) mid-training and resumes to the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import time
+from pathlib import Path
+
+from bissl_det.utils.cluster import ToolJob, job_port
+from tests.conftest import CONFIGS, NARROW_RESNET
+from tools.submit import main as submit_main
+
+import pytest
+
+TINY_PRETRAIN = [
+    "--config-file", str(CONFIGS / "quick" / "pretrain_simclr_demo.yaml"), *NARROW_RESNET,
+    "MODEL.SIMCLR.PROJECTOR_DIMS", "[32, 16]", "BISSL.PRETEXT_DATA.AUG.CROP_SIZE", "32",
+    "PRETRAIN.IMS_PER_BATCH", "8", "PRETRAIN.WARMUP_STEPS", "1", "PRETRAIN.LOG_PERIOD", "1",
+]  # fmt: skip
+
+
+def test_launch_flags_come_from_the_job():
+    job = ToolJob("train_bissl", ["--config-file", "c.yaml", "SEED", "1"], gpus_per_node=8)
+    command = job.command(num_nodes=2, node=1, master="node-a", job_id="4242")
+    assert command[2:] == [
+        "--num-gpus", "8", "--num-machines", "2", "--machine-rank", "1",
+        "--dist-url", f"tcp://node-a:{job_port('4242')}", "--config-file", "c.yaml", "SEED", "1",
+    ]  # fmt: skip
+    assert command[1].endswith("tools/train_bissl.py")
+    assert job_port("4242") == 20000 + 4242 and job_port("abc") == job_port("abc")
+
+
+def test_requeued_job_resumes_once_and_pickles_without_its_process():
+    job = ToolJob("finetune_det", ["--config-file", "c.yaml", "SEED", "1"], gpus_per_node=2)
+    job._process = object()  # a running tool's handle
+    again = job.resumed().resumed()
+    assert again.tool_args == ["--resume", "--config-file", "c.yaml", "SEED", "1"]
+    assert again.gpus_per_node == 2 and again.workdir == job.workdir
+    restored = pickle.loads(pickle.dumps(job))
+    assert restored._process is None and restored.tool_args == job.tool_args
+    # Tools without --resume are rerun as they were.
+    assert ToolJob("compare_runs", ["--out", "x"]).resumed().tool_args == ["--out", "x"]
+
+
+def test_bad_requests_are_named():
+    with pytest.raises(ValueError, match="unknown tool 'train_bisl'"):
+        ToolJob("train_bisl", [])
+    with pytest.raises(ValueError, match="set by the job"):
+        ToolJob("train_bissl", ["--num-gpus", "2"])
+    with pytest.raises(ValueError, match="runs in one process"):
+        ToolJob("compare_runs", []).command(2, 0, "h", "1")
+    with pytest.raises(SystemExit, match="--nodes 0"):
+        submit_main(["train_bissl", "--nodes", "0"])
+
+
+def _task_pids(job_dir: Path) -> list[int]:
+    """PIDs of the submitit task processes (python -m submitit.core._submit <job_dir>)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmdline and str(job_dir).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_local_job_is_preempted_requeued_and_resumes(in_demo_workdir, tmp_path):
+    out, jobs, iters = tmp_path / "run", tmp_path / "jobs", 60
+    job = submit_main(
+        ["pretrain_ssl", *TINY_PRETRAIN, "PRETRAIN.ITERS", str(iters), "OUTPUT_DIR", str(out),
+         "--cluster", "local", "--job-dir", str(jobs), "--time", "20"]
+    )  # fmt: skip
+    metrics = out / "metrics.json"
+    _wait_for(
+        lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3,
+        300,
+        "the job did not start training",
+    )
+    pids = _task_pids(jobs)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGUSR2)  # what Slurm sends before a time limit / on preemption
+    assert job.result() == 0  # the requeued job finished
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == iters
+    assert "--resume" in results["provenance"]["command"]
+    log = (out / "log.txt").read_text()
+    assert "Resuming pretraining at step" in log
+    job_log = next(jobs.glob("*_0_log.out")).read_text()
+    assert "requeueing with --resume" in job_log
+    # The interruption checkpointed a step before the end; the resumed run reached the end.
+    steps = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
+    assert steps[-1] == iters - 1 and min(steps) == 0
