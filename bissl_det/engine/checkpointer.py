@@ -152,9 +152,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> dict:
         """Read and check a training checkpoint before anything of the run is changed."""
+        if not filename.endswith(".pth"):  # Detectron2 / Caffe2 model-zoo formats
+            return super()._load_file(filename)
         checkpoint = load_checkpoint_file(filename)
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-            raise CheckpointFileError(f"{filename} is not a training checkpoint (no 'model')")
+        if not isinstance(checkpoint, dict):
+            raise CheckpointFileError(f"{filename} is not a checkpoint (a {type(checkpoint)})")
+        if "model" not in checkpoint:  # a bare state dict, as Detectron2 reads it
+            checkpoint = {"model": checkpoint}
         if "diagnostic" in checkpoint or Path(filename).name.startswith(DIAGNOSTIC_PREFIX):
             raise UnusableCheckpointError(
                 f"{filename} is a diagnostic checkpoint of a failed step, not a resume point"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
@@ -12,14 +13,22 @@ from ..checkpoint import check_detector_weights
 from ..checkpoint.verify import verify_backbone_loaded
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics
 from ..utils.plots import FINETUNE_PLOTS
+from .checkpointer import AtomicCheckpointer
+from .faults import FaultChecks
 from .hooks import PlotMetrics
 from .signals import with_graceful_interrupt
 
 logger = logging.getLogger(__name__)
 
 
-class FinetuneTrainer(DefaultTrainer):
-    """DefaultTrainer with the project's evaluators and a checked backbone initialisation."""
+class FinetuneTrainer(FaultChecks, DefaultTrainer):
+    """DefaultTrainer with the project's evaluators, a checked backbone initialisation, atomic
+    checkpoints, a ``--resume`` that never resumes garbage, and a diagnostic checkpoint when
+    Detectron2 reports divergence ("Loss became infinite or NaN")."""
+
+    def run_step(self) -> None:
+        with self.divergence_guard("fine-tuning", 0):
+            super().run_step()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -27,6 +36,11 @@ class FinetuneTrainer(DefaultTrainer):
         return build_detection_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self) -> list:
+        # Called by DefaultTrainer.__init__ right after it made its checkpointer: swap it for
+        # the atomic one before the PeriodicCheckpointer hook takes it.
+        self.checkpointer = AtomicCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         # DefaultTrainer's writers: console, metrics.json, TensorBoard; plots after them.
         plots = [PlotMetrics(self.cfg.OUTPUT_DIR, FINETUNE_PLOTS, "iteration")]
         plots = plots if comm.is_main_process() else []

@@ -75,3 +75,60 @@ def test_aggregate_seeds(tmp_path):
     summary = main([*map(str, files), "--out", str(tmp_path / "s.json")])
     assert summary["voc/AP"] == {"mean": 52.0, "std": 2.0, "n": 3}
     assert summary["voc/AP50"]["std"] == 4.0
+
+
+def _finetune(output_dir, weights, *opts):
+    cfg = tiny_config(
+        TINY_FINETUNE, output_dir, "MODEL.WEIGHTS", str(weights), "SOLVER.CHECKPOINT_PERIOD", "1",
+        "DATALOADER.ASPECT_RATIO_GROUPING", "False", *opts,
+    )  # fmt: skip
+    return FinetuneTrainer(cfg)
+
+
+def test_finetune_resume_falls_back_from_a_truncated_checkpoint(
+    in_demo_workdir, tmp_path, bissl_export, caplog
+):
+    import logging
+
+    trainer = _finetune(tmp_path, bissl_export)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    final = tmp_path / "model_final.pth"
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    final.write_bytes(final.read_bytes()[:1000])  # a copy or write cut short
+
+    resumed = _finetune(tmp_path, bissl_export)
+    with caplog.at_level(logging.WARNING):
+        resumed.resume_or_load(resume=True)
+    previous = tmp_path / "model_0000002.pth"
+    assert resumed.start_iter == 3
+    saved = torch.load(previous, weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.model.state_dict().items())
+    assert f"not resuming from {final} is not a readable torch checkpoint" in caplog.text
+    assert f"resuming from {previous}, the newest usable checkpoint" in caplog.text
+
+
+def test_finetune_divergence_writes_a_diagnostic_checkpoint(
+    in_demo_workdir, tmp_path, bissl_export
+):
+    trainer = _finetune(tmp_path, bissl_export)
+    trainer.resume_or_load(resume=False)
+    model, calls = trainer._trainer.model, {"n": 0}
+    forward = model.forward
+
+    def diverging(batch):
+        calls["n"] += 1
+        losses = forward(batch)
+        return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 2 else losses
+
+    model.forward = diverging
+    with pytest.raises(FloatingPointError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert message.startswith("Detectron2: Loss became infinite or NaN at iteration=1")
+    diagnostic = tmp_path / "model_nonfinite_iteration0000001.pth"
+    assert f"diagnostic checkpoint: {tmp_path}/{diagnostic.name}" in message
+    state = torch.load(diagnostic, weights_only=True)
+    assert state["diagnostic"]["level"] == "fine-tuning" and state["iteration"] == 1
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert torch.load(tmp_path / "model_0000000.pth", weights_only=True)["iteration"] == 0
