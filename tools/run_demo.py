@@ -9,6 +9,10 @@
 5. tools/eval_cls.py linear probes of both backbones on the classification set.
 Writes output/demo/report.json and output/demo/plots/*.png, prints the side-by-side table.
 Every step is a real tool run; KEY VALUE arguments after ``--`` go to every step.
+
+SIGTERM, SIGINT and SIGUSR1 are forwarded to the running tool, which checkpoints and exits
+(engine/signals.py); the demo then exits non-zero (the tool's code, 75 when it checkpointed), and
+``--resume`` continues every step from its checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,24 +28,54 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def run(step: str, argv: list[str], log_dir: Path) -> float:
-    """Run one tool, streaming its output to the console and to a log file; returns seconds."""
+    """Run one tool, streaming its output to the console and to a log file; returns seconds.
+
+    Signals to this process are forwarded to the tool; once it has exited, this one exits
+    non-zero (the tool's exit code, or 128 + the signal's number if the tool died of it).
+    """
     print(f"\n=== {step}: {' '.join(argv)}", flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    received: list[int] = []
     with open(log_dir / f"{step}.log", "w") as log:
         process = subprocess.Popen(
             [sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-        for line in process.stdout:
-            log.write(line)
-            if "eta" in line or "iter" in line.lower() or "Error" in line or "results" in line:
-                print(line.rstrip()[-200:], flush=True)
-        if process.wait() != 0:
-            raise SystemExit(f"{step} failed (exit {process.returncode}); see {log_dir / step}.log")
+
+        def forward(signum, frame) -> None:
+            received.append(signum)
+            if process.poll() is None:
+                process.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+        try:
+            for line in process.stdout:
+                log.write(line)
+                if "eta" in line or "iter" in line.lower() or "Error" in line or "results" in line:
+                    print(line.rstrip()[-200:], flush=True)
+            code = process.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if process.poll() is None:  # this process failed: never leave the tool running
+                process.kill()
+                process.wait()
+    if received:
+        name = signal.Signals(received[0]).name
+        print(
+            f"=== {step} interrupted by {name} (exit {code}); see {log_dir / step}.log; "
+            "tools/run_demo.py --resume continues",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(code if code > 0 else 128 + received[0])
+    if code != 0:
+        raise SystemExit(f"{step} failed (exit {code}); see {log_dir / step}.log")
     seconds = time.perf_counter() - start
     print(f"=== {step} done in {seconds:.0f} s", flush=True)
     return seconds
@@ -81,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("output/demo"))
     parser.add_argument("--fresh", action="store_true", help="delete earlier demo results first")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue interrupted steps from their checkpoints"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="-- KEY VALUE ... for every step")
     args = parser.parse_args(argv)
     extra = [o for o in args.opts if o != "--"]
@@ -96,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     bissl = out / "bissl" / "lower_backbone.pth"
 
     def tool(name, config, *opts):
-        return [f"tools/{name}.py", "--config-file", str(QUICK / config), *opts, *extra]
+        resume = ["--resume"] if args.resume else []
+        return [f"tools/{name}.py", "--config-file", str(QUICK / config), *resume, *opts, *extra]
 
     times["pretrain"] = run(
         "pretrain",

@@ -34,6 +34,7 @@ from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .faults import FaultChecks
 from .hooks import ExportBackbone
 from .resume import warn_inexact_resume
+from .signals import with_graceful_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class PretrainTrainer(FaultChecks, TrainerBase):
                 ExportBackbone(period),
                 hooks.PeriodicWriter(writers, cfg.PRETRAIN.LOG_PERIOD),
             ]
-        return hook_list
+        return with_graceful_interrupt(hook_list)
 
     def before_train(self) -> None:
         seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0

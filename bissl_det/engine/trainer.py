@@ -45,6 +45,7 @@ from .checkpointer import (
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, build_writers
 from .resume import warn_inexact_resume
+from .signals import with_graceful_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         if comm.is_main_process():
             hook_list.append(hooks.PeriodicWriter(self.build_writers(), cfg.BISSL.LOG_PERIOD))
             hook_list.append(PlotMetrics(cfg.OUTPUT_DIR))
-        return hook_list
+        return with_graceful_interrupt(hook_list)
 
     def build_writers(self) -> list:
         return build_writers(self.cfg.OUTPUT_DIR, self.max_iter)
