@@ -94,10 +94,14 @@ def test_finetune_det_refuses_weights_detectron2_would_not_load(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("tool", "config"), [("train_bissl.py", None), ("pretrain_ssl.py", TINY_PRETRAIN)]
+    ("tool", "config", "opts"),
+    [
+        ("train_bissl.py", None, []),
+        ("pretrain_ssl.py", TINY_PRETRAIN, ["PRETRAIN.IMS_PER_BATCH", "8", "PRETRAIN.ITERS", "2"]),
+    ],
 )
 def test_training_tools_refuse_a_backbone_of_another_shape(
-    in_demo_workdir, tmp_path, torchvision_r50, tool, config
+    in_demo_workdir, tmp_path, torchvision_r50, tool, config, opts
 ):
     """The tests' ResNet-50 is 8x narrower: a real torchvision R50 cannot initialise it."""
     from tests.conftest import NARROW_RESNET
@@ -105,7 +109,7 @@ def test_training_tools_refuse_a_backbone_of_another_shape(
     from . import TINY_C4
 
     proc = _tool(tool, config or TINY_C4, in_demo_workdir, tmp_path / "run", *NARROW_RESNET,
-                 "MODEL.WEIGHTS", str(torchvision_r50), "DATASETS.TEST", "()")  # fmt: skip
+                 *opts, "MODEL.WEIGHTS", str(torchvision_r50), "DATASETS.TEST", "()")  # fmt: skip
     assert proc.returncode != 0
     _assert_refusal(proc.stderr, torchvision_r50, "backbone shapes do not match MODEL.RESNETS")
     assert re.search(r"stem\.conv1\.weight: \(64, 3, 7, 7\) in the file", proc.stderr)
