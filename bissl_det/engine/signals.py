@@ -89,8 +89,9 @@ class GracefulInterrupt(HookBase):
     """Stop at the next step boundary on a signal: checkpoint, then :class:`TrainingInterrupted`.
 
     For any Detectron2 trainer with ``checkpointer`` (``save(name, iteration=...)``, as
-    PeriodicCheckpointer uses it) that resumes at ``iteration + 1``; register it on every process
-    with :func:`with_graceful_interrupt`. All processes all-reduce the flag after each step, so
+    PeriodicCheckpointer uses it) that resumes at ``iteration + 1``; a trainer without one stops
+    at the step boundary without a checkpoint. Register it on every process with
+    :func:`with_graceful_interrupt`. All processes all-reduce the flag after each step, so
     they stop at the same step even when only one of them received the signal.
     """
 
@@ -120,14 +121,19 @@ class GracefulInterrupt(HookBase):
         signum = self._agreed_signal()
         if signum is None:
             return
-        iteration = self.trainer.iter
+        iteration, stop = self.trainer.iter, signal_name(signum)
+        checkpointer = getattr(self.trainer, "checkpointer", None)
+        if checkpointer is None:
+            raise TrainingInterrupted(
+                f"interrupted by {stop} after iteration {iteration}; this trainer keeps no "
+                "checkpoint: running it again starts it over"
+            )
         name = f"model_{iteration:07d}"
-        checkpointer = self.trainer.checkpointer
         checkpointer.save(name, iteration=iteration)
         comm.synchronize()  # no process exits (and gets its peers terminated) before the write
         path = os.path.join(checkpointer.save_dir, f"{name}.pth")
         raise TrainingInterrupted(
-            f"interrupted by {signal_name(signum)} after iteration {iteration}: checkpoint "
+            f"interrupted by {stop} after iteration {iteration}: checkpoint "
             f"{path}; --resume continues from iteration {iteration + 1}",
             checkpoint=path,
         )

@@ -141,6 +141,18 @@ def test_pretraining_stops_at_the_step_and_resumes_exactly(in_demo_workdir, tmp_
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_trainer_without_checkpoints_stops_at_the_step_too():
+    class Counting(TrainerBase):
+        def run_step(self) -> None:
+            self.steps = self.iter + 1
+
+    trainer = Counting()
+    trainer.register_hooks([*with_graceful_interrupt([]), SignalAt(2, signal.SIGUSR1)])
+    with pytest.raises(TrainingInterrupted, match="after iteration 2; this trainer keeps no") as e:
+        trainer.train(0, 10)
+    assert trainer.steps == 3 and e.value.checkpoint is None
+
+
 def test_signal_outside_a_training_loop_stops_at_once():
     handler = signal.getsignal(signal.SIGTERM)
     stop = pytest.raises(TrainingInterrupted, match="SIGTERM outside a training step")
