@@ -28,6 +28,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import CHECK_IMAGES_MODES, CUSTOM_DATASET_KEYS
 from .coco import check_coco_dataset, register_coco_json, validate_coco_json
+from .tasks import downstream_task
 from .validation import (
     DatasetValidationError,
     check_dataset_dicts,
@@ -129,7 +130,8 @@ def register_from_config(cfg) -> list[str]:
     """Register every entry of ``cfg.DATASETS.CUSTOM``, then validate every data set in use.
 
     Validation covers train and test splits alike (DATASETS.CHECK_IMAGES says which images are
-    decoded in full), so bad data fails here, not after training. Return the custom names.
+    decoded in full), so bad data fails here, not after training; the downstream task's own
+    image files too (classification folders). Return the custom names.
 
     Raises:
         DatasetValidationError: A malformed entry (message names ``DATASETS.CUSTOM[i]`` and the
@@ -144,6 +146,9 @@ def register_from_config(cfg) -> list[str]:
             f"DATASETS.CHECK_IMAGES = {mode!r} must be one of {list(CHECK_IMAGES_MODES)}"
         )
     names = [_register_entry(i, entry) for i, entry in enumerate(entries)]
+    task = downstream_task(cfg, required=False) if "BISSL" in cfg else None
+    if task is not None and task.check_images is not None:
+        task.check_images(cfg, mode)
     for name, is_test in datasets_in_use(cfg).items():
         start = time.perf_counter()
         decode = mode == "decode_all" or (mode == "decode_test" and is_test)

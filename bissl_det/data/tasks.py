@@ -38,6 +38,7 @@ from .classification import ImageFolderDataset, VOC07MultiLabelDataset, classifi
 from .common import normalisation, per_process_batch
 from .mapper import DetectionMapper
 from .pretext import InfiniteSampler
+from .validation import check_image_paths
 
 __all__ = [
     "DownstreamTask",
@@ -63,6 +64,9 @@ class DownstreamTask:
             not hold the result).
         check_num_classes: ``cfg`` -> the head's class count after checking it against the data
             (None when there is no data to check); raises ValueError naming key and data set.
+        check_images: ``(cfg, mode)`` -> None, the start-up check of the task's image files for
+            DATASETS.CHECK_IMAGES ``mode``; None where the images belong to registered data sets
+            (validated by name, :func:`bissl_det.data.detection.register_from_config`).
     """
 
     build_train_loader: Callable[[CfgNode, int, int, int], Iterable]
@@ -70,6 +74,7 @@ class DownstreamTask:
     build_test_loaders: Callable[[CfgNode], dict[str, Iterable]]
     evaluate: Callable[[CfgNode, nn.Module, str, Iterable], dict[str, float] | None]
     check_num_classes: Callable[[CfgNode], int | None]
+    check_images: Callable[[CfgNode, str], None] | None = None
 
 
 _TASKS: dict[str, DownstreamTask] = {}
@@ -245,6 +250,17 @@ def _classification_num_classes(cfg: CfgNode) -> int | None:
     return len(classes)
 
 
+def _classification_check_images(cfg: CfgNode, mode: str) -> None:
+    """Headers of every CLS.TRAIN_ROOT image, and CLS.TEST_ROOT's decoded as ``mode`` says."""
+    for train, key in ((True, "CLS.TRAIN_ROOT"), (False, "CLS.TEST_ROOT")):
+        if not (cfg.CLS.TRAIN_ROOT if train else cfg.CLS.TEST_ROOT):
+            continue
+        dataset = classification_dataset(cfg, train)
+        paths = getattr(dataset, "image_files", None) or [p for p, _ in dataset.samples]
+        decode = mode == "decode_all" or (mode == "decode_test" and not train)
+        check_image_paths(key, paths, decode)
+
+
 register_downstream_task(
     "ResNetClassifier",
     DownstreamTask(
@@ -255,5 +271,6 @@ register_downstream_task(
             model, loader, cfg.MODEL.CLASSIFIER.MULTI_LABEL
         ),
         check_num_classes=_classification_num_classes,
+        check_images=_classification_check_images,
     ),
 )

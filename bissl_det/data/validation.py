@@ -30,6 +30,7 @@ __all__ = [
     "DatasetValidationError",
     "check_dataset_dicts",
     "check_image_files",
+    "check_image_paths",
     "raise_problems",
     "resolve_path",
 ]
@@ -181,3 +182,22 @@ def check_image_files(name: str, dicts: list[dict], decode: bool) -> None:
         problems = [p for p in pool.map(check, dicts) if p]
     checked = "decoded" if decode else "header-checked"
     raise_problems(f"dataset {name!r} (images {checked})", problems)
+
+
+def check_image_paths(what: str, paths: Sequence[str], decode: bool) -> None:
+    """Every image file exists and is readable (``decode``: in full); for sets without sizes.
+
+    Raises:
+        DatasetValidationError: Listing the first problems, each naming the image file.
+    """
+
+    def check(path: str) -> str | None:
+        try:
+            check_image_file(path, decode=decode)
+        except ImageReadError as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        problems = [p for p in pool.map(check, paths) if p]
+    raise_problems(f"{what} (images {'decoded' if decode else 'header-checked'})", problems)

@@ -149,7 +149,7 @@ def test_register_voc_metadata_idempotence_and_conflicts(tmp_path):
         register_voc_folder("voc_2007_train", root, "train", CLASSES)
     with pytest.raises(DatasetValidationError, match="YEAR=2010 must be one of"):
         register_voc_folder(_name(), root, "train", CLASSES, year=2010)
-    bad = _voc(tmp_path / "bad", {"x": _xml([("dog", (1, 1, 2, 2), 0)])})
+    bad = _voc(tmp_path / "bad", {"x": _xml([("dog", (1, 1, 2, 2), 0)]), **GOOD})
     bad_name = _name()
     with pytest.raises(DatasetValidationError, match=r"x\.xml: object 0 has class 'dog'"):
         register_voc_folder(bad_name, bad, "train", CLASSES)

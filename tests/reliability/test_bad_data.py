@@ -104,6 +104,9 @@ def test_voc_split_listing_an_image_twice_is_an_error(tmp_path):
     with pytest.raises(DatasetValidationError) as err:
         register_voc_folder(_name(), root, "train", CLASSES)
     assert str(split_file) in str(err.value) and "'a' (lines [1, 3])" in str(err.value)
+    split_file.write_text("a\n")  # detectron2's loader would crash on a one-line split
+    with pytest.raises(DatasetValidationError, match=r"train\.txt' lists a single image"):
+        register_voc_folder(_name(), root, "train", CLASSES)
 
 
 def _coco(tmp_path: Path, images=None, annotations=None) -> tuple[Path, Path]:
@@ -358,3 +361,20 @@ def test_unknown_upper_architecture_lists_the_registered_ones():
     assert {"GeneralizedRCNN", "ResNetClassifier"} <= set(registered_downstream_tasks())
     cfg.MODEL.META_ARCHITECTURE = "SomePretextModel"  # not BiSSL, no task: nothing to check
     assert downstream_task(cfg, required=False) is None
+
+
+def test_truncated_classification_test_image_fails_at_start_up(tmp_path):
+    for split in ("train", "test"):
+        for cls in CLASSES:
+            (tmp_path / split / cls).mkdir(parents=True)
+            _noise(32, 32).save(tmp_path / split / cls / "0.jpg")
+    bad = tmp_path / "test" / "square" / "0.jpg"
+    _noise(64, 64).save(bad, quality=95)
+    _truncate(bad)
+    cfg = add_bissl_config(get_cfg())
+    cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.CLASSIFIER.NUM_CLASSES = "ResNetClassifier", 2
+    cfg.INPUT.FORMAT, cfg.CLS.TRAIN_ROOT, cfg.CLS.TEST_ROOT = "RGB", str(tmp_path / "train"), ""
+    register_from_config(cfg)  # the training folder alone is fine
+    cfg.CLS.TEST_ROOT = str(tmp_path / "test")
+    with pytest.raises(DatasetValidationError, match=rf"(?s)CLS\.TEST_ROOT.*{bad}' cannot be"):
+        register_from_config(cfg)
