@@ -99,14 +99,41 @@ def add_bissl_config(cfg: CN) -> CN:
     _C.BISSL.ACTIVATION_CHECKPOINTING = False
 
     _C.BISSL.HYPERGRAD = CN()
-    # Linear solver of (I + H / (LAMBDA + DAMPING)) x = g: "cg", "layerwise_cg" or "neumann".
+    # The matrix C of the implicit-gradient system (I + C / (LAMBDA + DAMPING)) x = g, built once
+    # per stage: "hessian" (the paper's pretext Hessian: indefinite on trained models), "ggn" (the
+    # Gauss-Newton matrix of the part of the pretext loss convex in its outputs: PSD, same cost
+    # per product) or "fisher" (empirical Fisher of the last FISHER_HISTORY lower-step pretext
+    # gradients: no extra forward or backward at all).
+    _C.BISSL.HYPERGRAD.CURVATURE = "hessian"
+    # How the system is solved: "cg", "layerwise_cg" (the authors' variant), "neumann" (step from
+    # an eigenvalue estimate), "lanczos" (one basis of BASIS_SIZE products per stage serves every
+    # upper step) or "direct" (the curvature's exact inverse: "fisher" only, by Woodbury).
     _C.BISSL.HYPERGRAD.SOLVER = "cg"
-    # Solver iterations (Hessian-vector products per upper step).
+    # Solver iterations (products per upper step); for "lanczos", correction iterations per step.
     _C.BISSL.HYPERGRAD.MAX_ITER = 5
     # Stop early once ||residual|| <= TOL * ||g|| (0: always MAX_ITER iterations).
     _C.BISSL.HYPERGRAD.TOL = 0.0
     # Damping delta added to LAMBDA in the system (0: the exact implicit gradient).
     _C.BISSL.HYPERGRAD.DAMPING = 10.0
+    # What CG does at a direction with p^T A p <= 0 (proof the system is indefinite): "truncate"
+    # (keep the last iterate before it, as truncated-Newton CG does) or "continue" (the paper's
+    # code: step on, which can return x hundreds of times longer than g).
+    _C.BISSL.HYPERGRAD.ON_NEGATIVE_CURVATURE = "truncate"
+    # Lanczos basis size per stage (SOLVER "lanczos").
+    _C.BISSL.HYPERGRAD.BASIS_SIZE = 10
+    # Lower-step pretext gradients kept for CURVATURE "fisher", and where ("cpu" or "model": the
+    # model's device). m gradients of the backbone: ~0.1 GB each for a ResNet-50.
+    _C.BISSL.HYPERGRAD.FISHER_HISTORY = 20
+    _C.BISSL.HYPERGRAD.FISHER_DEVICE = "cpu"
+    # Log the true relative residual ||A x - g|| / ||g|| of every solve (one extra product per
+    # upper step); False logs the solver's own estimate.
+    _C.BISSL.HYPERGRAD.TRUE_RESIDUAL = True
+    # Lanczos steps per stage estimating the extreme eigenvalues of I + C / (LAMBDA + DAMPING)
+    # (products; free for SOLVER "lanczos", whose basis gives them). 0: not estimated.
+    _C.BISSL.HYPERGRAD.EIGEN_STEPS = 8
+    # Treat the pretext head as a lower-level variable in the derivative (joint system over
+    # backbone and head, identity on the backbone only = the Schur complement); the paper: False.
+    _C.BISSL.HYPERGRAD.INCLUDE_PRETEXT_HEAD = False
 
     _C.BISSL.LOWER = CN()
     # LARS over the lower backbone and pretext head.
@@ -126,8 +153,8 @@ def add_bissl_config(cfg: CN) -> CN:
     _C.BISSL.UPPER.BASE_LR = 0.015
     _C.BISSL.UPPER.MOMENTUM = 0.9
     _C.BISSL.UPPER.WEIGHT_DECAY = 0.0
-    # Cosine over STAGES * UPPER_STEPS down to FINAL_LR_FACTOR * BASE_LR.
-    _C.BISSL.UPPER.FINAL_LR_FACTOR = 0.0
+    # Cosine over STAGES * UPPER_STEPS down to FINAL_LR_FACTOR * BASE_LR (the authors': 1e-3).
+    _C.BISSL.UPPER.FINAL_LR_FACTOR = 1e-3
     # Downstream images per step, over all processes.
     _C.BISSL.UPPER.IMS_PER_BATCH = 16
     _C.BISSL.UPPER.CLIP_GRAD_NORM = 10.0
@@ -136,9 +163,12 @@ def add_bissl_config(cfg: CN) -> CN:
     # Downstream head training on the frozen backbone before stage 1. ITERS > 0 wins over EPOCHS.
     _C.BISSL.HEAD_WARMUP.ITERS = 0
     _C.BISSL.HEAD_WARMUP.EPOCHS = 5.0
-    _C.BISSL.HEAD_WARMUP.BASE_LR = 0.01
+    # Constant-lr SGD; None: the upper level's BASE_LR / WEIGHT_DECAY (the authors' choice).
+    _C.BISSL.HEAD_WARMUP.BASE_LR = None
     _C.BISSL.HEAD_WARMUP.MOMENTUM = 0.9
-    _C.BISSL.HEAD_WARMUP.WEIGHT_DECAY = 0.0
+    _C.BISSL.HEAD_WARMUP.WEIGHT_DECAY = None
+    # Backbone BN during warm-up: "train" (batch statistics, as the authors) or "frozen" (eval).
+    _C.BISSL.HEAD_WARMUP.BN_MODE = "train"
 
     # ---- Pretext data (unlabeled images, two augmented views each) ------------------------------
     _C.BISSL.PRETEXT_DATA = CN()

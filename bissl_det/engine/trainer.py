@@ -24,9 +24,8 @@ from detectron2.engine import TrainerBase, hooks
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from torch import nn
-from torch.func import functional_call
 
-from ..bilevel import HessianVectorProduct, NonFiniteError, implicit_gradient, tuple_norm
+from ..bilevel import IndefiniteSystemError, NonFiniteError, tuple_norm
 from ..data.build import (
     build_downstream_train_loader,
     build_pretext_loader,
@@ -36,6 +35,7 @@ from ..evaluation.evaluate import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, all_reduce_mean
+from ..utils.plots import BISSL_PLOTS
 from .checkpointer import (
     AtomicCheckpointer,
     TrainingProgress,
@@ -44,6 +44,7 @@ from .checkpointer import (
 )
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, build_writers
+from .hypergrad import Hypergradient, StageSystem
 from .resume import warn_inexact_resume
 from .signals import with_graceful_interrupt
 
@@ -110,7 +111,9 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             upper_scheduler=self.upper_scheduler,
             progress=self.progress,
         )
+        self.hypergrad = Hypergradient(cfg, self.model)
         self._pretext_iter = self._downstream_iter = None
+        self._data_time = 0.0  # seconds this stage spent waiting for batches
         self.register_hooks(self.build_hooks())
 
     # ---- Set-up ------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             hook_list.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate))
         if comm.is_main_process():
             hook_list.append(hooks.PeriodicWriter(self.build_writers(), cfg.BISSL.LOG_PERIOD))
-            hook_list.append(PlotMetrics(cfg.OUTPUT_DIR))
+            hook_list.append(PlotMetrics(cfg.OUTPUT_DIR, BISSL_PLOTS, self.unit))
         return with_graceful_interrupt(hook_list)
 
     def build_writers(self) -> list:
@@ -193,12 +196,16 @@ class BilevelTrainer(FaultChecks, TrainerBase):
     # ---- Data --------------------------------------------------------------------------------
 
     def next_pretext_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = next(self._pretext_iter)
+        start = time.perf_counter()
+        batch = _to_device(next(self._pretext_iter), self.device)
+        self._data_time += time.perf_counter() - start
         self.progress.pretext_batches += 1
-        return _to_device(batch, self.device)
+        return batch
 
     def next_downstream_batch(self):
+        start = time.perf_counter()
         batch = next(self._downstream_iter)
+        self._data_time += time.perf_counter() - start
         self.progress.downstream_batches += 1
         return batch
 
@@ -215,21 +222,30 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         )
 
     def run_head_warmup(self) -> None:
-        """Train phi_d on the frozen upper backbone (weights and BN statistics); constant lr."""
+        """Train phi_d on the frozen upper backbone (constant lr), BN as HEAD_WARMUP.BN_MODE."""
         iters, warm = self.warmup_iterations(), self.cfg.BISSL.HEAD_WARMUP
+        upper = self.cfg.BISSL.UPPER
         head = list(self.model.upper_head_parameters())
         frozen = {id(p) for p in self.model.backbone_pairs.upper}
         optimizer = torch.optim.SGD(
-            head, lr=warm.BASE_LR, momentum=warm.MOMENTUM, weight_decay=warm.WEIGHT_DECAY
+            head,
+            lr=upper.BASE_LR if warm.BASE_LR is None else warm.BASE_LR,
+            momentum=warm.MOMENTUM,
+            weight_decay=upper.WEIGHT_DECAY if warm.WEIGHT_DECAY is None else warm.WEIGHT_DECAY,
         )
         for p in self.model.backbone_pairs.upper:
             p.requires_grad_(False)
         self.model.train()
-        for module in self.model.upper.modules():
-            own = list(module.parameters(recurse=False))
-            is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
-            if is_norm and own and all(id(p) in frozen for p in own):
-                module.eval()
+        if warm.BN_MODE == "frozen":
+            for module in self.model.upper.modules():
+                own = list(module.parameters(recurse=False))
+                is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
+                if is_norm and own and all(id(p) in frozen for p in own):
+                    module.eval()
+        elif warm.BN_MODE != "train":
+            raise ValueError(
+                f"BISSL.HEAD_WARMUP.BN_MODE = {warm.BN_MODE!r}: use 'train' or 'frozen'"
+            )
         start = time.perf_counter()
         try:
             for it in range(iters):
@@ -263,13 +279,15 @@ class BilevelTrainer(FaultChecks, TrainerBase):
     def run_step(self) -> None:
         assert self.model.training, "BilevelTrainer: the model was left in eval mode"
         start = time.perf_counter()
+        self._data_time = 0.0
         bissl = self.cfg.BISSL
         lower_losses = [self.lower_step(k) for k in range(bissl.LOWER_STEPS)]
-        hvp = self.stage_hessian()
+        system = self.stage_system()
         try:
-            upper_stats = [self.upper_step(hvp, k) for k in range(bissl.UPPER_STEPS)]
+            upper_stats = [self.upper_step(system, k) for k in range(bissl.UPPER_STEPS)]
+            stage_stats = system.stage_metrics()
         finally:
-            hvp.release()
+            system.release()
         pairs = self.model.backbone_pairs
         with torch.no_grad():
             distance = tuple_norm(torch._foreach_sub(pairs.lower, pairs.upper)).item()
@@ -279,10 +297,14 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             "theta_phi_distance": distance,
             "lr_lower": self.lower_optimizer.param_groups[0]["lr"],
             "lr": self.upper_optimizer.param_groups[0]["lr"],
-            "data_time": 0.0,
+            "data_time": self._data_time,
         }
         for key in upper_stats[0]:
             metrics[key] = sum(s[key] for s in upper_stats) / len(upper_stats)
+        # The worst step matters for these: one indefinite solve is one too many.
+        residuals = [s["hypergrad_rel_residual"] for s in upper_stats]
+        metrics["hypergrad_rel_residual_max"] = max(residuals)
+        metrics.update(stage_stats)
         self.storage.put_scalars(**metrics, smoothing_hint=False)
         self.storage.put_scalar("stage_time", time.perf_counter() - start, smoothing_hint=False)
 
@@ -305,12 +327,14 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         all_reduce_grads_(self.lower_params)
         pairs = self.model.backbone_pairs
         with torch.no_grad():
-            # The proximity gradient lambda (theta - phi) in closed form; phi is a constant here.
-            diff = torch._foreach_sub(pairs.lower, pairs.upper)
-            proximity = 0.5 * lam * tuple_norm(diff).item() ** 2
             grads = [p.grad for p in pairs.lower]
             if any(g is None for g in grads):
                 raise RuntimeError("a lower backbone parameter received no pretext gradient")
+            # The pretext gradient alone (before proximity and clipping) feeds the Fisher.
+            self.hypergrad.record_lower_gradient(grads)
+            # The proximity gradient lambda (theta - phi) in closed form; phi is a constant here.
+            diff = torch._foreach_sub(pairs.lower, pairs.upper)
+            proximity = 0.5 * lam * tuple_norm(diff).item() ** 2
             torch._foreach_add_(grads, diff, alpha=lam)
         self.clip_and_check(self.lower_params, self.cfg.BISSL.LOWER.CLIP_GRAD_NORM, "lower", step)
         self.lower_optimizer.step()
@@ -320,18 +344,19 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         pretext = pretext_loss.item()
         return pretext + proximity, pretext
 
-    def stage_hessian(self) -> HessianVectorProduct:
-        """H v of the pretext loss w.r.t. theta on one batch, first-order graph built once.
+    def stage_system(self) -> StageSystem:
+        """The stage's implicit-gradient system (BISSL.HYPERGRAD), its matrix built once.
 
-        BN statistics of the extra forward go to throw-away copies: the products must not move
-        the lower model (nor BYOL's target).
+        "hessian"/"ggn" draw one pretext batch and keep its first-order graph; BN statistics of
+        that forward go to throw-away copies, so products move neither the lower model nor
+        BYOL's target. "fisher" uses the lower steps' gradient history: no pass at all.
         """
-        buffers = {name: b.clone() for name, b in self.model.lower.named_buffers()}
-        loss = functional_call(self.model.lower, buffers, self.next_pretext_batch(), strict=False)
-        self.check_finite(loss, "pretext loss (Hessian batch)", "upper", 0)
-        return HessianVectorProduct(loss, self.model.backbone_pairs.lower)
+        system = self.hypergrad.stage_system(self.next_pretext_batch)
+        if system.curvature.loss is not None:
+            self.check_finite(system.curvature.loss, "pretext loss (curvature batch)", "upper", 0)
+        return system
 
-    def upper_step(self, hvp: HessianVectorProduct, step: int) -> dict[str, float]:
+    def upper_step(self, system: StageSystem, step: int) -> dict[str, float]:
         bissl = self.cfg.BISSL
         model, pairs = self.model, self.model.backbone_pairs
         head = model.upper_head_parameters()
@@ -345,17 +370,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         grads = _fill_missing_grads((*pairs.lower, *head), grads)
         g, head_grads = all_reduce_mean(grads[: len(pairs.lower)]), grads[len(pairs.lower) :]
         try:
-            x, info = implicit_gradient(
-                hvp,
-                g,
-                lam=bissl.LAMBDA,
-                damping=bissl.HYPERGRAD.DAMPING,
-                solver=bissl.HYPERGRAD.SOLVER,
-                max_iter=bissl.HYPERGRAD.MAX_ITER,
-                tol=bissl.HYPERGRAD.TOL,
-                all_reduce=all_reduce_mean,
-            )
-        except NonFiniteError as e:
+            x, solve_stats = system.solve(g)
+        except (NonFiniteError, IndefiniteSystemError) as e:
             self.fail_nonfinite(f"implicit gradient solver: {e}", "upper", step)
 
         # gamma * L_D(phi, phi_d) on the same batch.
@@ -381,17 +397,18 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         stats = {
             "upper_loss": upper_loss.item(),
             "upper_loss_on_theta": lower_view.item(),
-            "cg_residual": info.residual_norm,
-            "cg_iterations": float(info.iterations),
-            "hypergrad_cosine": info.cosine,
-            "hypergrad_norm_ratio": info.norm_ratio,
             "upper_grad_norm": grad_norm,
+            **solve_stats,
         }
         stats.update({f"upper/{k}": v.item() for k, v in upper_losses.items()})
         return stats
 
     def export(self, final: bool = True) -> dict:
         """Write theta, the BiSSL result: OUTPUT_DIR/lower_backbone{,_torchvision}.pth at the
-        end of a successful run, lower_backbone_last{,_torchvision}.pth periodically."""
-        name = "lower_backbone" if final else "lower_backbone_last"
-        return export_backbone(self.model.lower, self.cfg.OUTPUT_DIR, self.pretext_name, name)
+        end of a successful run; lower_backbone_stage<N>{,_torchvision}.pth after stage N when
+        periodic (intermediate results, kept: each can be fine-tuned to follow the run)."""
+        name = "lower_backbone" if final else f"lower_backbone_stage{self.iter + 1}"
+        paths = export_backbone(self.model.lower, self.cfg.OUTPUT_DIR, self.pretext_name, name)
+        if not final:
+            logger.info("Periodic export after stage %d: %s", self.iter + 1, paths["detectron2"])
+        return paths

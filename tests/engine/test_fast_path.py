@@ -2,7 +2,7 @@
 
 The reference code recomputes the pretext forward and backward for every Hessian-vector product
 (:class:`RecomputingHessianVectorProduct`); the trainer builds the graph once
-(:meth:`BilevelTrainer.stage_hessian`, :class:`HessianVectorProduct`). Both, and torch.func's
+(:meth:`BilevelTrainer.stage_system`, :class:`HessianCurvature`). Both, and torch.func's
 forward-over-reverse :func:`functional_hvp`, must give the same implicit gradient of an upper step.
 """
 
@@ -13,11 +13,13 @@ import copy
 import itertools
 
 from bissl_det.bilevel import (
+    Curvature,
     RecomputingHessianVectorProduct,
     functional_hvp,
     implicit_gradient,
     tuple_norm,
 )
+from bissl_det.engine.hypergrad import StageSystem
 from tests.conftest import TINY_C4, tiny_config
 
 import pytest
@@ -28,6 +30,17 @@ from torch.func import functional_call
 # Small damping: (I + H / (lam + delta)) must differ clearly from I, or a wrong H would pass.
 DAMPING = 0.05
 CG_ITERATIONS = 3
+
+
+class _Products(Curvature):
+    """Any ``v -> H v`` callable as a stage curvature (here: the recomputing reference)."""
+
+    def __init__(self, hvp) -> None:
+        super().__init__(all_reduce=None)
+        self.hvp = hvp
+
+    def _local_matvec(self, v):
+        return self.hvp(v)
 
 
 def _rel_diff(a, b) -> float:
@@ -58,7 +71,8 @@ def setup(in_demo_workdir, tmp_path):
         TINY_C4,
         tmp_path / "out",
         "BISSL.HYPERGRAD.DAMPING", str(DAMPING),
-        "BISSL.HYPERGRAD.MAX_ITER", str(CG_ITERATIONS),
+        "BISSL.HYPERGRAD.MAX_ITER", str(CG_ITERATIONS), "BISSL.HYPERGRAD.EIGEN_STEPS", "0",
+        "BISSL.HYPERGRAD.ON_NEGATIVE_CURVATURE", "continue",
     )  # fmt: skip
     torch.manual_seed(0)
     trainer = BilevelTrainer(cfg)
@@ -95,8 +109,9 @@ def _g(trainer, downstream) -> tuple[torch.Tensor, ...]:
 def _solve(trainer, hvp, g):
     bissl = trainer.cfg.BISSL
     x, info = implicit_gradient(
-        hvp, g, lam=bissl.LAMBDA, damping=DAMPING, max_iter=CG_ITERATIONS, tol=0.0
-    )
+        hvp, g, lam=bissl.LAMBDA, damping=DAMPING, max_iter=CG_ITERATIONS, tol=0.0,
+        on_negative_curvature="continue",
+    )  # fmt: skip
     assert info.iterations == CG_ITERATIONS
     return x
 
@@ -107,9 +122,9 @@ def test_retained_graph_equals_recomputing_and_functional(setup):
     buffers_before = [b.clone() for b in lower.buffers()]
     g = _g(trainer, downstream)
 
-    hvp = trainer.stage_hessian()
-    x_fast = _solve(trainer, hvp, g)
-    hvp.release()
+    system = trainer.stage_system()
+    x_fast = _solve(trainer, system.curvature.matvec, g)
+    system.release()
     x_ref = _solve(trainer, reference_hvp(), g)
 
     # H must matter, else equality below proves nothing.
@@ -120,7 +135,7 @@ def test_retained_graph_equals_recomputing_and_functional(setup):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
 
     # torch.func forward-over-reverse: training-mode BN normalises with batch statistics, as in
-    # stage_hessian; running statistics are switched off because torch.func cannot update them.
+    # stage_system; running statistics are switched off because torch.func cannot update them.
     names = {id(p): n for n, p in lower.named_parameters()}
     params = {names[id(p)]: p for p in trainer.model.backbone_pairs.lower}
     with _batch_stat_bn(lower):
@@ -144,24 +159,29 @@ def test_upper_step_fast_equals_reference(setup):
     phi = trainer.model.backbone_pairs.upper
     before = [p.detach().clone() for p in phi]
 
-    def step(make_hvp) -> tuple[list[torch.Tensor], dict]:
+    def step(make_system) -> tuple[list[torch.Tensor], dict]:
         model_state, opt_state, sched_state = copy.deepcopy(state)
         trainer.model.load_state_dict(model_state)
         trainer.upper_optimizer.load_state_dict(opt_state)
         trainer.upper_scheduler.load_state_dict(sched_state)
         # Built after the restore: loading copies into theta in place, which would invalidate
         # a first-order graph built before.
-        hvp = make_hvp()
+        system = make_system()
         torch.manual_seed(1)
-        stats = trainer.upper_step(hvp, 0)
+        stats = trainer.upper_step(system, 0)
+        system.release()
         return [p.detach().clone() for p in phi], stats
 
-    fast, fast_stats = step(trainer.stage_hessian)
-    ref, ref_stats = step(reference_hvp)
+    def reference_system() -> StageSystem:
+        hg, lam = trainer.cfg.BISSL.HYPERGRAD, trainer.cfg.BISSL.LAMBDA
+        return StageSystem(hg, lam, _Products(reference_hvp()), ())
+
+    fast, fast_stats = step(trainer.stage_system)
+    ref, ref_stats = step(reference_system)
 
     moved = [a - b for a, b in zip(fast, before, strict=True)]
     assert tuple_norm(tuple(moved)).item() > 0
     ref_moved = tuple(a - b for a, b in zip(ref, before, strict=True))
     assert _rel_diff(tuple(moved), ref_moved) < 1e-4
-    assert fast_stats["cg_iterations"] == ref_stats["cg_iterations"] == CG_ITERATIONS
+    assert fast_stats["hypergrad_iterations"] == ref_stats["hypergrad_iterations"] == CG_ITERATIONS
     assert fast_stats["hypergrad_cosine"] == pytest.approx(ref_stats["hypergrad_cosine"], abs=1e-5)

@@ -123,13 +123,15 @@ class BiSSL(nn.Module):
     def downstream_losses(self, batch, with_lower_backbone: bool = False) -> dict:
         """The upper model's loss dict, on phi or (``with_lower_backbone``) on theta.
 
-        With theta, the upper model runs with theta's tensors substituted for phi's; BN statistics
-        go to throw-away copies, so neither level's running statistics see the downstream batch
-        through the other level.
+        With theta, the upper model runs with theta's tensors substituted for phi's, and every
+        buffer (theta's BN statistics, and the upper head's own norms: the extra res5 norm, FPN
+        or box-head norms) is a throw-away copy: the theta-view pass moves no running statistics,
+        so each upper step updates the head's statistics once, through phi's own pass.
         """
         if not with_lower_backbone:
             return self.upper(batch)
-        substitute = dict(zip(self._params.upper_names, self._params.lower, strict=True))
+        substitute = {name: b.clone() for name, b in self.upper.named_buffers()}
+        substitute.update(zip(self._params.upper_names, self._params.lower, strict=True))
         for name, buffer in zip(
             self._buffers_pairs.upper_names, self._buffers_pairs.lower, strict=True
         ):
