@@ -130,8 +130,8 @@ def register_from_config(cfg) -> list[str]:
     """Register every entry of ``cfg.DATASETS.CUSTOM``, then validate every data set in use.
 
     Validation covers train and test splits alike (DATASETS.CHECK_IMAGES says which images are
-    decoded in full), so bad data fails here, not after training; the downstream task's own
-    image files too (classification folders). Return the custom names.
+    decoded in full), so bad data fails here, not after training; then the downstream task's
+    own checks (classification folders' images; masks for Mask R-CNN). Return the custom names.
 
     Raises:
         DatasetValidationError: A malformed entry (message names ``DATASETS.CUSTOM[i]`` and the
@@ -146,9 +146,6 @@ def register_from_config(cfg) -> list[str]:
             f"DATASETS.CHECK_IMAGES = {mode!r} must be one of {list(CHECK_IMAGES_MODES)}"
         )
     names = [_register_entry(i, entry) for i, entry in enumerate(entries)]
-    task = downstream_task(cfg, required=False) if "BISSL" in cfg else None
-    if task is not None and task.check_images is not None:
-        task.check_images(cfg, mode)
     for name, is_test in datasets_in_use(cfg).items():
         start = time.perf_counter()
         decode = mode == "decode_all" or (mode == "decode_test" and is_test)
@@ -160,4 +157,7 @@ def register_from_config(cfg) -> list[str]:
             "decoded" if decode else "headers",
             time.perf_counter() - start,
         )
+    task = downstream_task(cfg, required=False) if "BISSL" in cfg else None
+    if task is not None and task.check_data is not None:
+        task.check_data(cfg, mode)
     return names

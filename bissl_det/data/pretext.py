@@ -1,6 +1,7 @@
 """The pretext data pipeline: unlabeled images, two augmented views, an endless resumable sampler.
 
-Pure torch/torchvision (no detectron2), so it runs the same for pretraining and BiSSL's lower level.
+Torch/torchvision transforms and samplers (images read by :mod:`.images`), the same for pretraining
+and BiSSL's lower level.
 """
 
 from __future__ import annotations

@@ -64,9 +64,10 @@ class DownstreamTask:
             not hold the result).
         check_num_classes: ``cfg`` -> the head's class count after checking it against the data
             (None when there is no data to check); raises ValueError naming key and data set.
-        check_images: ``(cfg, mode)`` -> None, the start-up check of the task's image files for
-            DATASETS.CHECK_IMAGES ``mode``; None where the images belong to registered data sets
-            (validated by name, :func:`bissl_det.data.detection.register_from_config`).
+        check_data: ``(cfg, mode)`` -> None, start-up checks of the task's data beyond the
+            validation of registered data sets (which
+            :func:`bissl_det.data.detection.register_from_config` does by name); ``mode`` is
+            DATASETS.CHECK_IMAGES. Raises with the data set, file or key.
     """
 
     build_train_loader: Callable[[CfgNode, int, int, int], Iterable]
@@ -74,7 +75,7 @@ class DownstreamTask:
     build_test_loaders: Callable[[CfgNode], dict[str, Iterable]]
     evaluate: Callable[[CfgNode, nn.Module, str, Iterable], dict[str, float] | None]
     check_num_classes: Callable[[CfgNode], int | None]
-    check_images: Callable[[CfgNode, str], None] | None = None
+    check_data: Callable[[CfgNode, str], None] | None = None
 
 
 _TASKS: dict[str, DownstreamTask] = {}
@@ -172,6 +173,29 @@ def _detection_num_classes(cfg: CfgNode) -> int:
     return num_classes
 
 
+def _detection_check_masks(cfg: CfgNode, mode: str) -> None:
+    """With MODEL.MASK_ON, every training object has a mask in a form INPUT.MASK_FORMAT reads
+    (RLE needs "bitmask"); otherwise detectron2 fails in the middle of training."""
+    if not cfg.MODEL.MASK_ON:
+        return
+    for name in cfg.DATASETS.TRAIN:
+        for record in DatasetCatalog.get(name):
+            for ann in record.get("annotations", []):
+                segm = ann.get("segmentation")
+                if not segm:
+                    raise ValueError(
+                        f"MODEL.MASK_ON is set, but dataset {name!r} has an object without a "
+                        f"mask (image {record['file_name']!r}): train Mask R-CNN on a COCO-format "
+                        "set with instance masks"
+                    )
+                if isinstance(segm, dict) and cfg.INPUT.MASK_FORMAT != "bitmask":
+                    raise ValueError(
+                        f"dataset {name!r} has RLE masks (image {record['file_name']!r}), which "
+                        f"INPUT.MASK_FORMAT = {cfg.INPUT.MASK_FORMAT!r} cannot read: set "
+                        "INPUT.MASK_FORMAT to 'bitmask'"
+                    )
+
+
 register_downstream_task(
     "GeneralizedRCNN",
     DownstreamTask(
@@ -180,6 +204,7 @@ register_downstream_task(
         build_test_loaders=_detection_test_loaders,
         evaluate=_evaluate_detection,
         check_num_classes=_detection_num_classes,
+        check_data=_detection_check_masks,
     ),
 )
 
@@ -271,6 +296,6 @@ register_downstream_task(
             model, loader, cfg.MODEL.CLASSIFIER.MULTI_LABEL
         ),
         check_num_classes=_classification_num_classes,
-        check_images=_classification_check_images,
+        check_data=_classification_check_images,
     ),
 )

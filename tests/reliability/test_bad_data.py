@@ -378,3 +378,26 @@ def test_truncated_classification_test_image_fails_at_start_up(tmp_path):
     cfg.CLS.TEST_ROOT = str(tmp_path / "test")
     with pytest.raises(DatasetValidationError, match=rf"(?s)CLS\.TEST_ROOT.*{bad}' cannot be"):
         register_from_config(cfg)
+
+
+def test_mask_rcnn_on_data_it_cannot_read_fails_at_start_up(tmp_path):
+    rle = {"size": [30, 40], "counts": [41, 10, 1149]}
+    json_file, image_root = _coco(tmp_path, annotations=_ann(rle))
+    cfg = add_bissl_config(get_cfg())
+    entry = {
+        "NAME": _name(),
+        "FORMAT": "coco",
+        "JSON": str(json_file),
+        "IMAGE_ROOT": str(image_root),
+    }
+    cfg.merge_from_list(["DATASETS.CUSTOM", str([entry]), "MODEL.MASK_ON", "True"])
+    cfg.DATASETS.TRAIN = (entry["NAME"],)
+    with pytest.raises(ValueError, match=r"has RLE masks .* set INPUT.MASK_FORMAT to 'bitmask'"):
+        register_from_config(cfg)
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    register_from_config(cfg)
+    boxes_only, _ = _coco(tmp_path / "boxes")
+    entry = {**entry, "NAME": _name(), "JSON": str(boxes_only)}
+    cfg.DATASETS.CUSTOM, cfg.DATASETS.TRAIN = [entry], (entry["NAME"],)
+    with pytest.raises(ValueError, match=r"MODEL.MASK_ON is set, but dataset .* without a mask"):
+        register_from_config(cfg)
