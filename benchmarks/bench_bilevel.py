@@ -48,11 +48,13 @@ from pathlib import Path
 
 import bissl_det  # noqa: F401  (compat shims before detectron2)
 from bissl_det.bilevel import (
+    Curvature,
     HessianVectorProduct,
     RecomputingHessianVectorProduct,
     functional_hvp,
     tuple_norm,
 )
+from bissl_det.engine.hypergrad import StageSystem
 from bissl_det.modeling.memory import checkpoint_resnet_blocks
 
 import torch
@@ -97,6 +99,11 @@ def build_cfg(kind: str, args: argparse.Namespace, output_dir: str):
         # Small lower lr: repeated lower steps on one batch must stay finite, cost is unchanged.
         "BISSL.LOWER.BASE_LR", "0.01",
         "BISSL.HYPERGRAD.TOL", "0.0",
+        # Exactly K products per upper step: CG steps on through negative curvature (as the
+        # reference does), no monitoring products (true residual, eigenvalue estimate).
+        "BISSL.HYPERGRAD.ON_NEGATIVE_CURVATURE", "continue",
+        "BISSL.HYPERGRAD.TRUE_RESIDUAL", "False",
+        "BISSL.HYPERGRAD.EIGEN_STEPS", "0",
         "BISSL.LOWER_STEPS", str(args.lower_steps),
         "BISSL.UPPER_STEPS", str(args.upper_steps),
     ]  # fmt: skip
@@ -123,6 +130,17 @@ def build_cfg(kind: str, args: argparse.Namespace, output_dir: str):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class RecomputingCurvature(Curvature):
+    """The reference code's Hessian as a stage curvature: every product recomputes the pass."""
+
+    def __init__(self, hvp: RecomputingHessianVectorProduct) -> None:
+        super().__init__()
+        self._hvp = hvp
+
+    def _local_matvec(self, v):
+        return self._hvp(v)
 
 
 class Bench:
@@ -178,8 +196,9 @@ class Bench:
         cfg.BISSL.HYPERGRAD.MAX_ITER = k
         cfg.freeze()
 
-    def build_hvp(self) -> HessianVectorProduct:
-        return self.trainer.stage_hessian()
+    def build_hvp(self) -> StageSystem:
+        """The trainer's stage system: the Hessian's first-order graph built once."""
+        return self.trainer.stage_system()
 
     def reference_hvp(self) -> RecomputingHessianVectorProduct:
         """The reference code's products: pretext forward + backward + double backward each."""
@@ -190,6 +209,12 @@ class Bench:
             return functional_call(lower, buffers, batch, strict=False)
 
         return RecomputingHessianVectorProduct(closure, self.model.backbone_pairs.lower)
+
+    def reference_system(self) -> StageSystem:
+        """The trainer's stage system with the reference code's recomputing products."""
+        hg = self.trainer.cfg.BISSL.HYPERGRAD
+        curvature = RecomputingCurvature(self.reference_hvp())
+        return StageSystem(hg, self.trainer.cfg.BISSL.LAMBDA, curvature, ())
 
     def upper_step(self, hvp, k: int) -> None:
         self.set_cg_iterations(k)
@@ -326,7 +351,7 @@ def bench_model(bench: Bench, args: argparse.Namespace, log: Callable[[str], Non
     run("hvp_build", build)
     hvp = holder.pop()
     v = bench.random_vector()
-    run("hvp_retained", lambda: hvp(v))
+    run("hvp_retained", lambda: hvp.curvature.matvec(v))
     r["hvp_over_pretext_fwd_bwd"] = ratio(t["hvp_retained"], t["pretext_fwd_bwd"])
     r["hvp_build_over_pretext_fwd_bwd"] = ratio(t["hvp_build"], t["pretext_fwd_bwd"])
 
@@ -335,7 +360,7 @@ def bench_model(bench: Bench, args: argparse.Namespace, log: Callable[[str], Non
         run(f"upper_step_K{k}", lambda k=k: bench.upper_step(hvp, k), args.step_repeats, 0)
         r[f"upper_K{k}_over_plain"] = ratio(t[f"upper_step_K{k}"], t["plain_downstream_step"])
     hvp.release()
-    ref = bench.reference_hvp()
+    ref = bench.reference_system()
     run(
         f"upper_step_reference_K{REFERENCE_K}",
         lambda: bench.upper_step(ref, REFERENCE_K),
@@ -410,7 +435,7 @@ def bench_options(bench: Bench, run, t: dict, r: dict) -> dict:
         run(f"hvp_build_{tag}", lambda: holder.append(bench.build_hvp()), repeats=1, warmup=0)
         hvp = holder.pop()
         v = bench.random_vector()
-        run(f"hvp_retained_{tag}", lambda: hvp(v))
+        run(f"hvp_retained_{tag}", lambda: hvp.curvature.matvec(v))
         run(
             f"upper_step_K{REFERENCE_K}_{tag}",
             lambda: bench.upper_step(hvp, REFERENCE_K),
@@ -462,7 +487,7 @@ def run_memory_thing(bench: Bench, thing: str) -> None:
         return
     if thing == "upper_reference":
         for _ in range(2):
-            bench.upper_step(bench.reference_hvp(), REFERENCE_K)
+            bench.upper_step(bench.reference_system(), REFERENCE_K)
         return
     wrap = (
         checkpointed_blocks(bench.model)
