@@ -105,12 +105,14 @@ def step_commands(python: str) -> dict[str, list[str]]:
 def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
     """Build the R50-C4 BiSSL trainer at full (or tiny) size and time two stages."""
     sys.path.insert(0, str(REPO / "benchmarks"))
+    from bissl_det.config import add_bissl_config
     from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
     from bissl_det.engine.trainer import BilevelTrainer
 
     import bench_bilevel as bb
     import bench_hypergrad as bh
     import torch
+    from detectron2.config import get_cfg
     from detectron2.utils.events import EventStorage
 
     sizes = TINY_STAGE if tiny else FULL_STAGE
@@ -120,6 +122,8 @@ def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = bb.build_cfg("det", args, tmp)
         cfg.defrost()
+        # The project's default estimator and its diagnostics (bench_bilevel turns them off).
+        cfg.BISSL.HYPERGRAD = add_bissl_config(get_cfg()).BISSL.HYPERGRAD
         if not tiny:  # the standard C4 RPN, not the demo's small one
             cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 12000, 2000
             cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
