@@ -5,8 +5,9 @@ handled explicitly because PIL alone gives a wrong result or an anonymous error:
 
 - 16-bit grayscale images (mode ``I;16*``, e.g. 16-bit PNGs): PIL's ``convert("RGB")`` clips
   every value above 255, so the image turns white. They are scaled by their bit depth
-  (``round(v / 257)``, 65535 -> 255). 32-bit integer and float images (modes ``I``, ``F``) have
-  no defined 8-bit scale and are refused. (PIL already reduces 16-bit RGB to 8 bits itself.)
+  (``round(v / 257)``, 65535 -> 255). 32-bit integer and float images (modes ``I``, ``F``; a
+  PNG's ``I`` is 16-bit, as older Pillow opens them) have no defined 8-bit scale and are
+  refused. (PIL already reduces 16-bit RGB to 8 bits itself.)
 - Decompression bombs: images of more than :func:`max_image_pixels` pixels are refused with the
   limit and how to raise it (PIL would only warn below twice its limit).
 
@@ -92,7 +93,7 @@ def _open(path: str) -> Image.Image:
     if limit is not None and image.width * image.height > limit:
         image.close()
         raise _too_large(path, f"{image.width}x{image.height} pixels", limit)
-    if image.mode in _UNSCALABLE_MODES:
+    if image.mode in _UNSCALABLE_MODES and not _is_16bit(image):
         image.close()
         raise ImageReadError(
             f"image {path!r} has mode {image.mode!r} (32-bit integer or float pixels), which has "
@@ -101,10 +102,13 @@ def _open(path: str) -> Image.Image:
     return image
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit grayscale -> 8-bit by the bit depth; other modes are 8-bit already."""
-    if image.mode not in _SIXTEEN_BIT_MODES:
-        return image
+def _is_16bit(image: Image.Image) -> bool:
+    """16-bit grayscale: modes I;16*, or mode I from a PNG (older Pillow; PNG has no 32-bit)."""
+    return image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG")
+
+
+def _scale_16bit(image: Image.Image) -> Image.Image:
+    """16-bit values -> 8 bit by the bit depth: round(v / 257), so 65535 -> 255."""
     values = np.asarray(image).astype(np.uint32)
     return Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
 
@@ -114,7 +118,8 @@ def _decode(path: str) -> Image.Image:
     try:
         with _open(path) as image:
             image.load()  # the full decode happens here, inside the try
-            return _to_8bit(ImageOps.exif_transpose(image))
+            sixteen_bit = _is_16bit(image)
+            image = ImageOps.exif_transpose(image)
     except ImageReadError:
         raise
     except _DECODE_ERRORS as e:
@@ -122,6 +127,7 @@ def _decode(path: str) -> Image.Image:
             f"image {path!r} cannot be decoded ({type(e).__name__}: {e}): the file is corrupt or "
             "truncated; replace it or remove it from the data set"
         ) from e
+    return _scale_16bit(image) if sixteen_bit else image
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:

@@ -401,3 +401,22 @@ def test_mask_rcnn_on_data_it_cannot_read_fails_at_start_up(tmp_path):
     cfg.DATASETS.CUSTOM, cfg.DATASETS.TRAIN = [entry], (entry["NAME"],)
     with pytest.raises(ValueError, match=r"MODEL.MASK_ON is set, but dataset .* without a mask"):
         register_from_config(cfg)
+
+
+def test_16bit_png_opened_as_mode_i_is_scaled_too(tmp_path, monkeypatch):
+    """Older Pillow opens 16-bit grayscale PNGs as mode "I": scaled the same, not refused."""
+    path = tmp_path / "g.png"
+    expected = _gray16(path)
+    real_open = Image.open
+
+    def open_as_mode_i(*args, **kwargs):
+        image = real_open(*args, **kwargs)
+        if image.mode == "I;16":  # what Pillow < 10 gives
+            image.load()
+            converted = image.convert("I")
+            converted.format = image.format
+            return converted
+        return image
+
+    monkeypatch.setattr(Image, "open", open_as_mode_i)
+    np.testing.assert_array_equal(np.asarray(read_rgb(path))[..., 0], expected)
