@@ -41,6 +41,7 @@ from bissl_det.checkpoint import (
     resnet_detectron2_keys,
     save_backbone_checkpoint,
 )
+from bissl_det.utils.cli import describe
 
 EXIT_REFUSED = 2
 
@@ -57,9 +58,7 @@ def _head_groups(keys: Iterable[str]) -> Counter[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line arguments of the converter."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = describe(argparse.ArgumentParser(), __doc__)
     parser.add_argument("input", help="source checkpoint (.pth/.pt/.ckpt/.tar, or Detectron2 .pkl)")
     parser.add_argument("output", help="destination Detectron2 backbone checkpoint (.pth)")
     parser.add_argument("--format", default="auto", choices=("auto", *FORMATS))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Classification transfer of a backbone on the test split: full fine-tuning or a linear probe.
+r"""Classification transfer of a backbone on the test split: full fine-tuning or a linear probe.
 
     python tools/eval_cls.py --config-file configs/cls/voc07_R50.yaml \
         --linear-probe --seeds 3 MODEL.WEIGHTS output/pretrain/pretext_backbone.pth
@@ -14,12 +14,14 @@ import bissl_det  # noqa: F401  (compatibility shims + registrations, before det
 from bissl_det.engine.cls_eval import run_cls_eval
 from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.setup import setup
+from bissl_det.utils.cli import describe
+from bissl_det.utils.provenance import utc_now, write_results
 
 from detectron2.engine import default_argument_parser
 
 
 def argument_parser():
-    parser = default_argument_parser()
+    parser = describe(default_argument_parser(), __doc__)
     parser.add_argument(
         "--linear-probe",
         action="store_true",
@@ -29,9 +31,24 @@ def argument_parser():
     return parser
 
 
+# Accuracies and mAP are percentages; the other numbers are counts and hyper-parameters.
+UNITS = {"top1": "percent", "mean_per_class_acc": "percent", "mAP": "percent"}
+
+
 def main(args):
+    start = utc_now()
     cfg = setup(args)
-    return run_cls_eval(cfg, seeds=args.seeds, linear_probe=args.linear_probe)
+    results = run_cls_eval(cfg, seeds=args.seeds, linear_probe=args.linear_probe)
+    # run_cls_eval wrote OUTPUT_DIR/cls_results.json; the same record, with units and provenance.
+    write_results(
+        f"{cfg.OUTPUT_DIR}/cls_results.json",
+        results,
+        cfg,
+        units=UNITS,
+        start_time=start,
+        config_file=args.config_file,
+    )
+    return results
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """`make demo`: the whole BiSSL pipeline on the synthetic demo set, baseline vs BiSSL.
 
+    python tools/run_demo.py [--fresh] [--out output/demo] [-- KEY VALUE ...]
+
 1. datasets/make_demo_data.py writes the SYNTHETIC demo set (shapes on noise, VOC + ImageFolder).
 2. tools/pretrain_ssl.py: SimCLR pretraining of the (narrow) ResNet-50 from scratch.
 3. tools/train_bissl.py: head warm-up + BiSSL stages with a Faster R-CNN R50-C4 upper level.
@@ -113,7 +115,13 @@ def plot_metrics_bars(report: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # What it does and how to run it first (bissl_det.utils.cli.describe, without its import).
+    head, example, rest = __doc__.split("\n\n", 2)
+    parser = argparse.ArgumentParser(
+        description=f"{head}\n\n{example}",
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=Path("output/demo"))
     parser.add_argument("--fresh", action="store_true", help="delete earlier demo results first")
     parser.add_argument(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""BiSSL: head warm-up, then the bilevel stages; exports the lower backbone for fine-tuning.
+r"""BiSSL: head warm-up, then the bilevel stages; exports the lower backbone for fine-tuning.
 
     python tools/train_bissl.py --config-file configs/bissl/simclr_R50_C4_voc.yaml \
         MODEL.WEIGHTS pretext_backbone.pth OUTPUT_DIR output/bissl_voc
@@ -8,7 +8,6 @@ Writes OUTPUT_DIR/lower_backbone.pth (MODEL.WEIGHTS of tools/finetune_det.py), c
 both levels (--resume continues exactly), metrics.json and plots/*.png.
 """
 
-import json
 import logging
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import bissl_det  # noqa: F401  (compatibility shims + registrations, before det
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.setup import setup
+from bissl_det.utils.cli import describe
+from bissl_det.utils.provenance import utc_now, write_results
 
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
@@ -23,22 +24,56 @@ from detectron2.utils import comm
 logger = logging.getLogger("bissl_det.train_bissl")
 
 
+def argument_parser():
+    parser = describe(default_argument_parser(), __doc__)
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="after training, evaluate the upper level on DATASETS.TEST (or CLS.TEST_ROOT)",
+    )
+    return parser
+
+
+def test_sets(cfg) -> list[str]:
+    return list(cfg.DATASETS.TEST) or ([cfg.CLS.TEST_ROOT] if cfg.CLS.TEST_ROOT else [])
+
+
+def evaluation_plan(cfg, asked: bool) -> str:
+    """What this run evaluates, in words (logged, and kept in results.json)."""
+    test, periodic = test_sets(cfg), cfg.TEST.EVAL_PERIOD
+    if not test:
+        return "none (no DATASETS.TEST / CLS.TEST_ROOT)"
+    what = f"the upper level on the TEST split(s) {test}"
+    if periodic > 0:
+        return f"{what}, every {periodic} stages and after the last (TEST.EVAL_PERIOD)"
+    if asked:
+        return f"{what}, after training (--evaluate)"
+    return f"none (pass --evaluate or TEST.EVAL_PERIOD N for {what})"
+
+
 def main(args):
+    start = utc_now()
     cfg = setup(args)
+    asked = args.eval_only or getattr(args, "evaluate", False)
+    plan = evaluation_plan(cfg, asked)
+    # BiSSL's result is the lower backbone, scored by fine-tuning: the upper detector's test
+    # score is a diagnostic, and test images must not steer a run's settings.
+    logger.info("Evaluation: %s", plan)
     trainer = BilevelTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     if args.eval_only:
         results = trainer.evaluate()
     else:
         trainer.train()
-        results = trainer.evaluate() if cfg.DATASETS.TEST or cfg.CLS.TEST_ROOT else {}
+        results = trainer.evaluate() if asked and test_sets(cfg) else {}
     if comm.is_main_process():
         out = Path(cfg.OUTPUT_DIR) / "results.json"
-        out.write_text(json.dumps(results, indent=2))
+        record = {**results, "evaluation": plan}
+        write_results(out, record, cfg, start_time=start, config_file=args.config_file)
         logger.info("Upper-level results: %s (%s)", dict(results), out)
     return results
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     launch_from_args(main, args)

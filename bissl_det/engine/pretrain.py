@@ -20,7 +20,6 @@ import torch.distributed as dist
 from detectron2.config import CfgNode
 from detectron2.engine import TrainerBase, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from torch import nn
 
 from ..checkpoint import export_backbone, load_pretext_weights
@@ -30,9 +29,10 @@ from ..modeling.meta_arch import build_pretext_model
 from ..modeling.pretext import cosine_ema_momentum
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, is_distributed
+from ..utils.plots import PRETRAIN_PLOTS
 from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .faults import FaultChecks
-from .hooks import ExportBackbone
+from .hooks import ExportBackbone, PlotMetrics, build_writers
 from .resume import warn_inexact_resume
 from .signals import with_graceful_interrupt
 
@@ -126,11 +126,11 @@ class PretrainTrainer(FaultChecks, TrainerBase):
             hooks.PeriodicCheckpointer(self.checkpointer, period or self.max_iter, self.max_iter),
         ]
         if comm.is_main_process():
-            out = cfg.OUTPUT_DIR
-            writers = [CommonMetricPrinter(self.max_iter), JSONWriter(f"{out}/metrics.json")]
+            writers = build_writers(cfg.OUTPUT_DIR, self.max_iter)
             hook_list += [
                 ExportBackbone(period),
                 hooks.PeriodicWriter(writers, cfg.PRETRAIN.LOG_PERIOD),
+                PlotMetrics(cfg.OUTPUT_DIR, PRETRAIN_PLOTS, "iteration"),  # after the writer
             ]
         return with_graceful_interrupt(hook_list)
 
@@ -181,6 +181,10 @@ class PretrainTrainer(FaultChecks, TrainerBase):
         self.storage.put_scalars(**metrics, smoothing_hint=False)
 
     def export(self, final: bool = True) -> dict:
-        """Write OUTPUT_DIR/pretext_backbone{,_torchvision}.pth (``_last`` when periodic)."""
-        name = EXPORT_NAME if final else f"{EXPORT_NAME}_last"
-        return export_backbone(self.model, self.cfg.OUTPUT_DIR, self.pretext_name, name)
+        """Write OUTPUT_DIR/pretext_backbone{,_torchvision}.pth at the end of a successful run;
+        pretext_backbone_iter<N>{,_torchvision}.pth after step N when periodic (kept)."""
+        name = EXPORT_NAME if final else f"{EXPORT_NAME}_iter{self.iter + 1}"
+        paths = export_backbone(self.model, self.cfg.OUTPUT_DIR, self.pretext_name, name)
+        if not final:
+            logger.info("Periodic export after step %d: %s", self.iter + 1, paths["detectron2"])
+        return paths

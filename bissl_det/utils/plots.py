@@ -60,6 +60,7 @@ REFERENCE_LINES = {
     "hypergrad_eig_min": 0.0,
 }
 LOG_SCALE = ("cg_residual", "hypergrad_rel_residual")
+MAX_COLUMNS = 4  # panels per row of a figure
 
 BISSL_PLOTS: PlotTable = {
     "losses.png": ("Losses per stage", ["lower_pretext_loss", "upper_loss", "upper_loss_on_theta"]),
@@ -163,8 +164,12 @@ def plot_metrics(
         present = matching_keys(patterns, [k for k, v in series.items() if v])
         if not present:
             continue
-        fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.4), squeeze=False)
-        for ax, key in zip(axes[0], present, strict=True):
+        cols = min(len(present), MAX_COLUMNS)
+        rows = -(-len(present) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+        for ax in axes.flat[len(present) :]:
+            ax.set_visible(False)
+        for ax, key in zip(axes.flat, present, strict=False):
             xs, ys = zip(*series[key], strict=True)
             ax.plot(xs, ys, marker=".")
             unit, good = metric_info(key)

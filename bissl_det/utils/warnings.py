@@ -6,6 +6,10 @@ start, even for ``--help``, about code this project never calls. :mod:`bissl_det
 module right after :mod:`bissl_det.compat` (detectron2 needs the shims first): it imports those
 two modules once under a filter for exactly that message. Later imports are cached, and a
 ``torch.jit.script`` call in user code still warns.
+
+detectron2 v0.6's anchor generator calls ``torch.meshgrid`` without ``indexing=`` (its result
+is the "ij" default either way) and torch warns at the first training step: that message is
+filtered for good (the call is inside torch.functional, whoever calls it).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import importlib
 import warnings
 
 TORCH_JIT_DEPRECATION = r"`torch\.jit\.script` is (deprecated|not supported)"
+MESHGRID_INDEXING = (
+    r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing"
+)
 SCRIPTED_AT_IMPORT = ("fvcore.nn.focal_loss", "detectron2.modeling.box_regression")
 
 
@@ -26,3 +33,6 @@ def import_quietly(modules: tuple[str, ...] = SCRIPTED_AT_IMPORT) -> None:
 
 
 import_quietly()
+warnings.filterwarnings(
+    "ignore", message=MESHGRID_INDEXING, category=UserWarning, module="torch.functional"
+)
