@@ -21,22 +21,47 @@ logger = logging.getLogger(__name__)
 
 
 def build_detection_evaluator(cfg: CfgNode, dataset_name: str, output_dir: str) -> DatasetEvaluator:
-    """The standard evaluator of a dataset's ``evaluator_type`` (AP, AP50, AP75)."""
+    """The standard evaluator of a dataset's ``evaluator_type`` (AP, AP50, AP75).
+
+    With MODEL.MASK_ON (Mask R-CNN) the COCO evaluator scores boxes and masks ("bbox", "segm"),
+    named here rather than guessed from the predictions (a model predicting nothing would
+    otherwise lose its mask result silently); VOC-style evaluation has no masks and is refused.
+    """
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    mask_on = cfg.MODEL.MASK_ON
     if evaluator_type == "pascal_voc":
+        if mask_on:
+            raise ValueError(
+                f"MODEL.MASK_ON is True, but test set {dataset_name!r} is VOC-style (boxes only): "
+                "evaluate Mask R-CNN on a COCO-format set with masks (DATASETS.CUSTOM FORMAT coco)"
+            )
         return PascalVOCDetectionEvaluator(dataset_name)
     if evaluator_type == "coco":
         # Without detectron2's C++ ops, pycocotools' pure-Python COCOeval gives the same numbers.
-        return COCOEvaluator(dataset_name, output_dir=output_dir, use_fast_impl=has_compiled_ops())
+        return COCOEvaluator(
+            dataset_name,
+            tasks=("bbox", "segm") if mask_on else ("bbox",),
+            output_dir=output_dir,
+            use_fast_impl=has_compiled_ops(),
+        )
     raise ValueError(
         f"dataset {dataset_name!r}: evaluator_type {evaluator_type!r} is not 'pascal_voc' or 'coco'"
     )
 
 
-def detection_metrics(results: dict) -> dict[str, float]:
-    """{"AP": .., "AP50": .., "AP75": ..} from an evaluator's ``{"bbox": {...}}`` result."""
+def detection_metrics(results: dict) -> dict:
+    """Box {"AP", "AP50", "AP75"} from an evaluator's ``{"bbox": {...}}`` result, and with masks
+    (Mask R-CNN's ``"segm"``) the mask AP, AP50, AP75 under ``"segm"``.
+
+    Box metrics stay at the top level, as for Faster R-CNN, so every reader of them (search
+    objectives, seed aggregation, run comparison) works unchanged for Mask R-CNN.
+    """
+    keys = ("AP", "AP50", "AP75")
     bbox = results.get("bbox", {})
-    return {k: float(bbox[k]) for k in ("AP", "AP50", "AP75") if k in bbox}
+    metrics: dict = {k: float(bbox[k]) for k in keys if k in bbox}
+    if "segm" in results:
+        metrics["segm"] = {k: float(results["segm"][k]) for k in keys if k in results["segm"]}
+    return metrics
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Downstream heads: the ResNet image classifier and the C4 box head with an extra res5 norm."""
+"""Downstream heads: the ResNet image classifier and the C4 ROI head with an extra res5 norm."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from .backbone import PooledEncoder, build_resnet_trunk
 
 @ROI_HEADS_REGISTRY.register()
 class Res5ROIHeadsExtraNorm(Res5ROIHeads):
-    """R50-C4 box head with a normalisation layer after res5.
+    """R50-C4 ROI head (Faster or Mask R-CNN) with a normalisation layer after res5.
 
     The SSL detection-transfer protocol (MoCo) adds it because SSL features are scaled differently
-    from supervised ones; the norm is part of the head, not of the transferred backbone.
+    from supervised ones; the norm is part of the head, not of the transferred backbone. It is the
+    last module of ``res5``, and detectron2's :class:`Res5ROIHeads` computes every ROI feature
+    through that one block (``_shared_roi_transform``): the mask branch sees the normalised
+    features too, in training (the foreground rows of the box features) and at inference (the
+    predicted boxes' features, computed again).
     """
 
     @classmethod
