@@ -103,8 +103,7 @@ def _dead_pid() -> int:
 
 @pytest.mark.dist
 def test_two_worker_processes_then_resume(tmp_path, backbone):  # noqa: F811
-    # CLS.TEST_ROOT points nowhere: the search must not read the test split.
-    opts = [*TINY, "CLS.SOLVER.ITERS", "1", "MODEL.WEIGHTS", backbone, "CLS.TEST_ROOT", "nowhere"]
+    opts = [*TINY, "CLS.SOLVER.ITERS", "1", "MODEL.WEIGHTS", backbone]
     cfg = tiny_config(CLS_DEMO, tmp_path / "search", *opts)
     options = SearchOptions(trials=3, study_name="probe", workers=2, linear_probe=True)
     first = run_search(cfg, options)
@@ -120,6 +119,9 @@ def test_two_worker_processes_then_resume(tmp_path, backbone):  # noqa: F811
     stale = study.ask(log_uniform_space(search_task(cfg).ranges))
     stale.set_user_attr("owner", {"host": socket.gethostname(), "pid": _dead_pid()})
 
+    cfg.defrost()  # a test split that does not exist: the objective must not read it
+    cfg.CLS.TEST_ROOT = str(tmp_path / "nowhere")
+    cfg.freeze()
     second = run_search(cfg, SearchOptions(trials=5, study_name="probe", linear_probe=True))
     states = [t["state"] for t in second["trials"]]
     assert states == ["COMPLETE"] * 3 + ["FAIL"] + ["COMPLETE"] * 2
