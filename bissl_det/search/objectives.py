@@ -16,6 +16,7 @@ from pathlib import Path
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.utils.env import seed_all_rng
 
 from ..engine.cls_data import held_out_indices, load_search_data
 from ..engine.cls_trainer import read_classifier_backbone, train_classifier
@@ -156,6 +157,7 @@ class DetectionObjective:
         cfg.defrost()
         cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (self.train_name,), (self.val_name,)
         cfg.freeze()
+        seed_all_rng(max(cfg.SEED, 0))  # as tools/finetune_det.py's setup seeds a run
         trainer = FinetuneTrainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()

@@ -22,6 +22,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
 
+from ..engine.logs import LOGGERS, use_colour
 from ..engine.signals import INTERRUPT_SIGNALS, TrainingInterrupted, handling, signal_name
 from .objectives import SearchTask, build_objective, search_task
 from .report import write_search_report
@@ -107,8 +108,8 @@ def _worker_process(
     elif "OMP_NUM_THREADS" not in os.environ:  # CPU workers share the cores
         torch.set_num_threads(threads)
     log_file = str(Path(cfg.OUTPUT_DIR) / f"log_worker{index}.txt")
-    for name in ("bissl_det", "detectron2", "fvcore"):
-        setup_logger(log_file, distributed_rank=0, name=name)
+    for name in LOGGERS:
+        setup_logger(log_file, distributed_rank=0, color=use_colour(), name=name)
     from ..data.detection import register_from_config
 
     register_from_config(cfg)  # this process's catalog knows only the built-in datasets
