@@ -135,7 +135,7 @@ def plot(names, summaries, diffs, values, out: Path, confidence: float) -> None:
             )
     right.axvline(0.0, color="black", linewidth=1, linestyle="--")
     right.set_yticks(range(len(keys)), keys)
-    right.set_xlabel(f"{names[1]} - {names[0]}, {confidence:.0%} Welch CI (green: excludes 0)")
+    right.set_xlabel(f"{names[1]} - {names[0]}\n{confidence:.0%} Welch CI (green: excludes 0)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

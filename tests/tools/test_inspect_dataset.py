@@ -177,3 +177,14 @@ def test_range_sampling_and_max_size_cap():
     np.testing.assert_allclose(scales, [[2.0, 2.25, 2.5, 2.5, 2.5]])  # 1000 / 400 caps at 2.5
     with pytest.raises(ValueError, match="MIN_SIZE_TRAIN_SAMPLING"):
         resize_scales(hw, (200,), 1000, "random")
+
+
+@pytest.mark.parametrize(
+    "template", ["own_voc_finetune.yaml", "own_coco_finetune.yaml", "own_bissl.yaml"]
+)
+def test_readme_templates_are_valid_configs(template):
+    """docs/templates (README "Your own data"): every key exists; the data sets are as shown."""
+    cfg = load_config(str(REPO / "docs" / "templates" / template))
+    names = [entry["NAME"] for entry in cfg.DATASETS.CUSTOM]
+    assert list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) == names
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1
