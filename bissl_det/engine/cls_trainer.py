@@ -109,6 +109,8 @@ class ClassifierTrainer(SimpleTrainer):
         self.eval_name = eval_name
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        # A run is never resumed: a rerun starts its curves afresh (JSONWriter appends).
+        (self.output_dir / "metrics.json").unlink(missing_ok=True)
         self.last_metrics: dict[str, float] = {}
         self.register_hooks(self.build_hooks())
 
