@@ -3,6 +3,7 @@ branches, the mask loss reaches theta through the theta-view pass (finite differ
 evaluation scores ground truth 100 AP, and the COCO configs follow MoCo's protocol."""
 
 import types
+from pathlib import Path
 
 from bissl_det.data.tasks import downstream_task
 from bissl_det.engine.setup import load_config
@@ -11,9 +12,12 @@ from tests.conftest import CONFIGS, NARROW_RESNET, TINY_C4, tiny_config
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import annotations_to_instances
+from detectron2.layers import get_norm
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import mask_head as mask_head_module
 from detectron2.structures import Boxes, Instances
@@ -268,7 +272,9 @@ def test_coco_configs_are_mask_rcnn_in_mocos_protocol(path):
         assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (180000, (120000, 160000))
         assert cfg.TEST.PRECISE_BN.ENABLED
     if "FPN" in path:
-        assert cfg.MODEL.FPN.NORM == cfg.MODEL.ROI_MASK_HEAD.NORM == "naiveSyncBN"
+        assert cfg.MODEL.FPN.NORM == "naiveSyncBN"
+        # The mask head sees foreground ROIs only: a count per GPU that differs, can be 0.
+        assert cfg.MODEL.ROI_MASK_HEAD.NORM == "naiveSyncBN_N"
         assert cfg.MODEL.ROI_MASK_HEAD.NUM_CONV == 4
     else:
         assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
@@ -287,3 +293,54 @@ def test_bissl_coco_upper_level_is_mask_rcnn(arch):
     assert mask_params <= {id(p) for p in model.upper_head_parameters()}
     assert not mask_params & {id(p) for p in model.backbone_pairs.upper}
     assert len(model.backbone_pairs.upper) == 53 + 53 * 2  # convs + BN affine pairs of R50
+
+
+# ---- why the FPN mask head's norm is naiveSyncBN_N ---------------------------------------------
+
+WORLD = 2
+CHANNELS = 3
+
+
+def _roi_features(rows: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, CHANNELS, 2, 2, generator=gen, dtype=torch.float64) * 3 + 1
+
+
+def _sync_norm_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        out = {}
+        # Unequal foreground counts (3 and 1 ROIs), then none on rank 1.
+        for case, rows in (("unequal", (3, 1)), ("empty", (3, 0))):
+            x = _roi_features(rows[rank], seed=rank)
+            for norm in ("naiveSyncBN", "naiveSyncBN_N"):
+                if norm == "naiveSyncBN" and case == "empty":
+                    continue  # asserts B > 0 on rank 1 (and rank 0 would wait forever)
+                out[case, norm] = get_norm(norm, CHANNELS).double().train()(x).detach()
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_count_weighted_sync_norm_equals_one_batch_norm_over_all_rois(tmp_path):
+    mp.start_processes(
+        _sync_norm_worker,
+        args=(str(tmp_path / "init"), str(tmp_path)),
+        nprocs=WORLD,
+        join=True,
+        start_method="spawn",
+    )
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    bn = torch.nn.BatchNorm2d(CHANNELS).double().train()
+    pooled = bn(torch.cat([_roi_features(3, seed=0), _roi_features(1, seed=1)])).detach()
+    counted = torch.cat([outs[0]["unequal", "naiveSyncBN_N"], outs[1]["unequal", "naiveSyncBN_N"]])
+    torch.testing.assert_close(counted, pooled)
+    # MoCo's naiveSyncBN averages the GPUs' statistics unweighted: not the statistics of all ROIs.
+    equal = torch.cat([outs[0]["unequal", "naiveSyncBN"], outs[1]["unequal", "naiveSyncBN"]])
+    assert (equal - pooled).abs().max() > 1e-2
+    # No ROI on one GPU: the others normalise by their own ROIs alone.
+    alone = bn(_roi_features(3, seed=0)).detach()
+    torch.testing.assert_close(outs[0]["empty", "naiveSyncBN_N"], alone)
+    assert outs[1]["empty", "naiveSyncBN_N"].shape == (0, CHANNELS, 2, 2)
