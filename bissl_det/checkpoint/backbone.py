@@ -74,7 +74,7 @@ def _format_of(checkpoint: Any) -> str:
 def _refusal(path: str, problem: str, checkpoint: Any = None) -> BackboneWeightsError:
     layout = f" ({_format_of(checkpoint)})" if checkpoint is not None else ""
     return BackboneWeightsError(
-        f"MODEL.WEIGHTS = {path}: {problem}{layout}. Refusing to train from partly random "
+        f"MODEL.WEIGHTS = {path}: {problem}{layout}. Refusing to start from partly random "
         f"weights. Give a backbone export (pretext_backbone.pth, lower_backbone.pth) or "
         f"convert the file first: {converter_command(path)} (it reports the format, the "
         "dropped heads and any missing key); or set MODEL.RESNETS to the file's architecture"
@@ -127,7 +127,8 @@ def _mismatch(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
         )
     if missing or unexpected:
         return (
-            f"{len(missing)} of {len(own)} backbone tensors would stay uninitialised - missing "
+            f"{len(missing)} of {sum(not k.endswith(_COUNTERS) for k in own)} backbone tensors "
+            "would stay uninitialised - missing "
             f"keys {_listed(missing)}, unexpected keys {_listed(unexpected)}"
         )
     return None

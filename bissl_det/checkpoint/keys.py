@@ -146,6 +146,7 @@ def _d2_key_to_tv(key: str) -> str | None:
 
 
 def is_bare_detectron2_key(key: str) -> bool:
+    """Whether ``key`` is a Detectron2 ResNet key without prefix (``res2.0.conv1.weight``)."""
     return _d2_key_to_tv(key) is not None
 
 
