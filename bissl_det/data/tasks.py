@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics, evaluate_classifier
+from .aspect_groups import build_grouped_train_loader
 from .classification import ImageFolderDataset, VOC07MultiLabelDataset, classification_transforms
 from .common import normalisation, per_process_batch
 from .mapper import DetectionMapper
@@ -134,12 +135,22 @@ def _detection_train_dicts(cfg: CfgNode) -> list[dict]:
 def _detection_train_loader(cfg: CfgNode, total_batch: int, start_batches: int, seed: int):
     batch = per_process_batch(total_batch, "downstream IMS_PER_BATCH")
     dicts = _detection_train_dicts(cfg)
+    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+        # Indices grouped before mapping, so that --resume continues exactly (aspect_groups.py).
+        return build_grouped_train_loader(
+            dicts,
+            DetectionMapper(cfg, is_train=True),
+            InfiniteSampler(len(dicts), seed=seed),
+            batch,
+            start_batches,
+            cfg.DATALOADER.NUM_WORKERS,
+        )
     return build_detection_train_loader(
         dataset=dicts,
         mapper=DetectionMapper(cfg, is_train=True),
         sampler=InfiniteSampler(len(dicts), seed=seed, start=start_batches * batch),
         total_batch_size=total_batch,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
 
