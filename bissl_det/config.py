@@ -196,27 +196,7 @@ def add_bissl_config(cfg: CN) -> CN:
     add_cls_config(_C)
     add_det_search_config(_C)
 
-    # ---- Conventional SSL pretraining (tools/pretrain_ssl.py) ----------------------------------
-    _C.PRETRAIN = CN()
-    # LARS steps; lr warm-up steps then cosine to FINAL_LR_FACTOR * BASE_LR.
-    _C.PRETRAIN.ITERS = 1000
-    # LARS learning rate, momentum and weight decay (biases and norms: no decay, no adaptation).
-    _C.PRETRAIN.BASE_LR = 4.8
-    _C.PRETRAIN.MOMENTUM = 0.9
-    _C.PRETRAIN.WEIGHT_DECAY = 1e-6
-    _C.PRETRAIN.WARMUP_STEPS = 100
-    _C.PRETRAIN.FINAL_LR_FACTOR = 1e-3
-    # Images per step, over all processes (each gives two views).
-    _C.PRETRAIN.IMS_PER_BATCH = 1024
-    # Gradient-norm clipping (0 disables; the norm is still checked for NaN/Inf).
-    _C.PRETRAIN.CLIP_GRAD_NORM = 0.0
-    # Checkpoint (and export pretext_backbone.pth) every this many steps.
-    _C.PRETRAIN.CHECKPOINT_PERIOD = 500
-    # Write metrics (console line with ETA, metrics.json) every this many steps.
-    _C.PRETRAIN.LOG_PERIOD = 20
-    # BYOL target momentum per step: "cosine" (MODEL.BYOL.EMA_MOMENTUM -> 1 over ITERS, as in
-    # BYOL) or "constant" (MODEL.BYOL.EMA_MOMENTUM throughout).
-    _C.PRETRAIN.EMA_SCHEDULE = "cosine"
+    add_pretrain_config(_C)
     return cfg
 
 
@@ -271,4 +251,32 @@ def add_det_search_config(cfg: CN) -> CN:
     _C.DET_SEARCH.VAL_FRACTION = 0.1
     # Objective on that split, maximised: "AP50" or "AP" (COCO-style evaluation, percent).
     _C.DET_SEARCH.METRIC = "AP50"
+    return cfg
+
+
+def add_pretrain_config(cfg: CN) -> CN:
+    """Add the keys of conventional SSL pretraining (tools/pretrain_ssl.py)."""
+    cfg.PRETRAIN = CN()
+    # LARS steps; lr warm-up steps then cosine to FINAL_LR_FACTOR * BASE_LR.
+    cfg.PRETRAIN.ITERS = 1000
+    # LARS learning rate, momentum and weight decay (biases and norms: no decay, no adaptation).
+    cfg.PRETRAIN.BASE_LR = 4.8
+    cfg.PRETRAIN.MOMENTUM = 0.9
+    cfg.PRETRAIN.WEIGHT_DECAY = 1e-6
+    cfg.PRETRAIN.WARMUP_STEPS = 100
+    cfg.PRETRAIN.FINAL_LR_FACTOR = 1e-3
+    # Images per step, over all processes (each gives two views).
+    cfg.PRETRAIN.IMS_PER_BATCH = 1024
+    # Gradient-norm clipping (0 disables; the norm is still checked for NaN/Inf).
+    cfg.PRETRAIN.CLIP_GRAD_NORM = 0.0
+    # Checkpoint (and export pretext_backbone.pth) every this many steps.
+    cfg.PRETRAIN.CHECKPOINT_PERIOD = 500
+    # Write metrics (console line with ETA, metrics.json) every this many steps.
+    cfg.PRETRAIN.LOG_PERIOD = 20
+    # BYOL target momentum per step: "cosine" (MODEL.BYOL.EMA_MOMENTUM -> 1 over ITERS, as in
+    # BYOL) or "constant" (MODEL.BYOL.EMA_MOMENTUM throughout).
+    cfg.PRETRAIN.EMA_SCHEDULE = "cosine"
+    # Synchronise BN statistics across processes, as the authors' pretraining does (torch's
+    # SyncBatchNorm: CUDA only; the BiSSL lower level keeps plain BN for double backward).
+    cfg.PRETRAIN.SYNC_BN = False
     return cfg

@@ -9,10 +9,12 @@ diagnostics into the logged metrics; the alternation itself stays in ``trainer.p
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 
 import torch
+from detectron2.engine import HookBase
 from torch import nn
 
 from ..bilevel import (
@@ -35,7 +37,14 @@ from ..bilevel import (
 )
 from ..utils.distributed import all_reduce_mean
 
-__all__ = ["HYPERGRAD_SOLVERS", "Hypergradient", "StageSystem", "check_hypergrad_config"]
+__all__ = [
+    "HYPERGRAD_SOLVERS",
+    "Hypergradient",
+    "LogHypergradient",
+    "StageSystem",
+    "check_hypergrad_config",
+]
+logger = logging.getLogger(__name__)
 
 HYPERGRAD_SOLVERS = (*SOLVERS, "lanczos", "direct")
 
@@ -197,3 +206,38 @@ class Hypergradient:
             self.hg.CURVATURE, self.model.lower, next_pretext_batch(), self.params, all_reduce_mean
         )
         return StageSystem(self.hg, self.lam, curvature, self.head)
+
+
+class LogHypergradient(HookBase):
+    """One console line per logged stage with the implicit gradient's diagnostics.
+
+    Detectron2's CommonMetricPrinter shows losses, lr and ETA only; this line says whether the
+    stage's systems were well-posed (residual, negative curvature, eigenvalues of ``A``).
+    """
+
+    def __init__(self, period: int):
+        self.period = max(1, period)
+
+    def after_step(self) -> None:
+        stage = self.trainer.iter + 1
+        if stage % self.period and stage != self.trainer.max_iter:
+            return
+        latest = {k: v for k, (v, _) in self.trainer.storage.latest().items()}
+        if "hypergrad_rel_residual" not in latest:
+            return
+        eig = ""
+        if "hypergrad_eig_min" in latest:
+            eig = f"  eig(A) [{latest['hypergrad_eig_min']:.3g}, {latest['hypergrad_eig_max']:.3g}]"
+        logger.info(
+            "stage %d/%d hypergradient: rel_residual %.2e (max %.2e)  negative_curvature %g  "
+            "cos(x,g) %.3f  |x|/|g| %.3g  products %g%s",
+            stage,
+            self.trainer.max_iter,
+            latest["hypergrad_rel_residual"],
+            latest["hypergrad_rel_residual_max"],
+            latest["hypergrad_negative_curvature"],
+            latest["hypergrad_cosine"],
+            latest["hypergrad_norm_ratio"],
+            latest["hypergrad_stage_products"],
+            eig,
+        )

@@ -28,7 +28,7 @@ from ..modeling.backbone import PooledEncoder, build_resnet_trunk
 from ..modeling.meta_arch import build_pretext_model
 from ..modeling.pretext import cosine_ema_momentum
 from ..solver.build import build_lars, build_scheduler
-from ..utils.distributed import all_reduce_grads_, is_distributed
+from ..utils.distributed import all_reduce_grads_, is_distributed, world_size
 from ..utils.plots import PRETRAIN_PLOTS
 from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .faults import FaultChecks
@@ -45,10 +45,19 @@ EMA_SCHEDULES = ("cosine", "constant")
 def build_pretrain_model(cfg: CfgNode) -> nn.Module:
     """SimCLR/BYOL (MODEL.BISSL.PRETEXT) on the MODEL.RESNETS trunk with plain BN, on its device.
 
-    Plain BN, like the BiSSL lower level (and per-process statistics under multi-process runs).
+    Plain BN, like the BiSSL lower level: per-process statistics under multi-process runs unless
+    PRETRAIN.SYNC_BN (the authors' SyncBN, on GPUs).
     """
     encoder = PooledEncoder(build_resnet_trunk(cfg, norm="BN"))
-    return build_pretext_model(cfg, encoder).to(torch.device(cfg.MODEL.DEVICE))
+    model = build_pretext_model(cfg, encoder)
+    device = torch.device(cfg.MODEL.DEVICE)
+    if cfg.PRETRAIN.SYNC_BN and world_size() > 1:
+        if device.type != "cuda":
+            raise ValueError(
+                f"PRETRAIN.SYNC_BN needs CUDA (torch's SyncBatchNorm); MODEL.DEVICE is {device}"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device)
 
 
 @torch.no_grad()

@@ -3,19 +3,19 @@
 One trainer iteration is one stage:
 
 * N_L lower steps: pretext loss + lambda/2 ||theta - phi||^2 (phi constant), LARS.
-* One pretext batch is drawn and its first-order graph built once (Hessian-vector products of
-  the pretext loss w.r.t. theta); it serves every solver iteration of the stage's upper steps.
-* N_U upper steps: g = grad_theta L_D(theta, phi_d); x solves (I + H/(lambda+delta)) x = g;
+* The stage's implicit-gradient system ``(I + C/(lambda+delta)) x = g`` is built once
+  (engine/hypergrad.py: C the pretext Hessian, its Gauss-Newton part or the Fisher of the lower
+  steps' gradients); it serves every upper step of the stage.
+* N_U upper steps: g = grad_theta L_D(theta, phi_d); x solves the system;
   phi.grad = x + gamma grad_phi L_D(phi, phi_d); phi_d.grad from both terms; SGD.
 
-No DDP and no SyncBN on the lower level (double backward needs neither): gradients, CG inputs
-and Hessian-vector products are averaged across processes by hand.
+No DDP and no SyncBN on the lower level (double backward needs neither): gradients, ``g`` and
+curvature products are averaged across processes by hand.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 
@@ -26,11 +26,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from ..bilevel import IndefiniteSystemError, NonFiniteError, tuple_norm
-from ..data.build import (
-    build_downstream_train_loader,
-    build_pretext_loader,
-    downstream_train_size,
-)
+from ..data.build import build_downstream_train_loader, build_pretext_loader
 from ..evaluation.evaluate import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
 from ..solver.build import build_lars, build_scheduler
@@ -44,9 +40,10 @@ from .checkpointer import (
 )
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, build_writers
-from .hypergrad import Hypergradient, StageSystem
+from .hypergrad import Hypergradient, LogHypergradient, StageSystem
 from .resume import warn_inexact_resume
 from .signals import with_graceful_interrupt
+from .warmup import train_head, warmup_iterations
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +99,11 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             self.upper_optimizer, bissl.STAGES * bissl.UPPER_STEPS, 0, bissl.UPPER.FINAL_LR_FACTOR
         )
         self.progress = TrainingProgress()
+        self.hypergrad = Hypergradient(cfg, self.model)
+        extra = {}
+        if self.hypergrad.fisher is not None and bissl.HYPERGRAD.FISHER_HISTORY > bissl.LOWER_STEPS:
+            # A history longer than a stage spans stage boundaries: an exact resume needs it.
+            extra["fisher_history"] = self.hypergrad.fisher
         self.checkpointer = AtomicCheckpointer(
             self.model,
             cfg.OUTPUT_DIR,
@@ -110,8 +112,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             lower_scheduler=self.lower_scheduler,
             upper_scheduler=self.upper_scheduler,
             progress=self.progress,
+            **extra,
         )
-        self.hypergrad = Hypergradient(cfg, self.model)
         self._pretext_iter = self._downstream_iter = None
         self._data_time = 0.0  # seconds this stage spent waiting for batches
         self.register_hooks(self.build_hooks())
@@ -156,6 +158,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             hook_list.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate))
         if comm.is_main_process():
             hook_list.append(hooks.PeriodicWriter(self.build_writers(), cfg.BISSL.LOG_PERIOD))
+            hook_list.append(LogHypergradient(cfg.BISSL.LOG_PERIOD))
             hook_list.append(PlotMetrics(cfg.OUTPUT_DIR, BISSL_PLOTS, self.unit))
         return with_graceful_interrupt(hook_list)
 
@@ -211,66 +214,9 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
     # ---- Head warm-up ------------------------------------------------------------------------
 
-    def warmup_iterations(self) -> int:
-        warm = self.cfg.BISSL.HEAD_WARMUP
-        if warm.ITERS > 0:
-            return warm.ITERS
-        if warm.EPOCHS <= 0:
-            return 0
-        return math.ceil(
-            warm.EPOCHS * downstream_train_size(self.cfg) / self.cfg.BISSL.UPPER.IMS_PER_BATCH
-        )
-
     def run_head_warmup(self) -> None:
-        """Train phi_d on the frozen upper backbone (constant lr), BN as HEAD_WARMUP.BN_MODE."""
-        iters, warm = self.warmup_iterations(), self.cfg.BISSL.HEAD_WARMUP
-        upper = self.cfg.BISSL.UPPER
-        head = list(self.model.upper_head_parameters())
-        frozen = {id(p) for p in self.model.backbone_pairs.upper}
-        optimizer = torch.optim.SGD(
-            head,
-            lr=upper.BASE_LR if warm.BASE_LR is None else warm.BASE_LR,
-            momentum=warm.MOMENTUM,
-            weight_decay=upper.WEIGHT_DECAY if warm.WEIGHT_DECAY is None else warm.WEIGHT_DECAY,
-        )
-        for p in self.model.backbone_pairs.upper:
-            p.requires_grad_(False)
-        self.model.train()
-        if warm.BN_MODE == "frozen":
-            for module in self.model.upper.modules():
-                own = list(module.parameters(recurse=False))
-                is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
-                if is_norm and own and all(id(p) in frozen for p in own):
-                    module.eval()
-        elif warm.BN_MODE != "train":
-            raise ValueError(
-                f"BISSL.HEAD_WARMUP.BN_MODE = {warm.BN_MODE!r}: use 'train' or 'frozen'"
-            )
-        start = time.perf_counter()
-        try:
-            for it in range(iters):
-                with self.divergence_guard("upper (warm-up)", it):
-                    losses = self.model.downstream_losses(self.next_downstream_batch())
-                loss = sum(losses.values())
-                self.check_finite(loss, "head warm-up loss", "upper (warm-up)", it)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                all_reduce_grads_(head)
-                optimizer.step()
-                if comm.is_main_process() and (it % 20 == 0 or it == iters - 1):
-                    elapsed = time.perf_counter() - start
-                    eta = elapsed / (it + 1) * (iters - it - 1)
-                    logger.info(
-                        "head warm-up iter %d/%d  loss %.4f  eta %s",
-                        it + 1,
-                        iters,
-                        loss.item(),
-                        time.strftime("%H:%M:%S", time.gmtime(eta)),
-                    )
-        finally:
-            for p in self.model.backbone_pairs.upper:
-                p.requires_grad_(True)
-            self.model.train()
+        """phi_d on the frozen upper backbone (engine/warmup.py), then a checkpoint."""
+        train_head(self, warmup_iterations(self.cfg))
         self.progress.warmup_done = True
         self.checkpointer.save("model_warmup", iteration=self.start_iter - 1)
 

@@ -57,7 +57,9 @@ def test_image_folder_errors_name_folders(tmp_path):
     ):
         ImageFolderDataset(root, None, classes=["circle", "cross"])
     (root / "empty").mkdir()
-    with pytest.raises(DatasetValidationError, match=r"class folder\(s\) \['.*a/empty'\] have no images"):
+    with pytest.raises(
+        DatasetValidationError, match=r"class folder\(s\) \['.*a/empty'\] have no images"
+    ):
         ImageFolderDataset(root, None)
     (tmp_path / "b").mkdir()
     with pytest.raises(DatasetValidationError, match=r"'.*b' has no class sub-folders"):

@@ -95,7 +95,10 @@ def test_registered_voc_loads_through_detectron2(tmp_path):
             r"x\.xml: missing .*"
             r"<size/height>",
         ),
-        ({"x": _xml([]).replace("40", "forty")}, r"x\.xml: <size/width> is not an integer: 'forty'"),
+        (
+            {"x": _xml([]).replace("40", "forty")},
+            r"x\.xml: <size/width> is not an integer: 'forty'",
+        ),
         (
             {"x": _xml([("circle", (1, 1, 5, 5), 0)]).replace("<pose>Unspecified</pose>", "")},
             r"x\.xml: missing or empty <pose>",
@@ -125,7 +128,9 @@ def test_voc_missing_files_and_folders(tmp_path):
     with pytest.raises(DatasetValidationError, match=r"Annotations/ghost\.xml' is missing"):
         validate_voc_folder(root, "ghost", CLASSES)
     (root / "JPEGImages" / "b.jpg").unlink()
-    with pytest.raises(DatasetValidationError, match=r"Annotations/b\.xml: image '.*JPEGImages/b\.jpg' is missing"):
+    with pytest.raises(
+        DatasetValidationError, match=r"Annotations/b\.xml: image '.*JPEGImages/b\.jpg' is missing"
+    ):
         validate_voc_folder(root, "train", CLASSES)
     (root / "JPEGImages").rename(root / "images")
     with pytest.raises(DatasetValidationError, match=r"has no JPEGImages/ folder"):
@@ -239,7 +244,10 @@ ANN = {"id": 7, "image_id": 1, "category_id": 3, "bbox": [2, 3, 10, 5]}
             r"ann\.json \(image id 1, '1\.jpg'\): object 0: box \[x, y, w, h\]=\[35, 3, 10, 5\] "
             r"lies outside the 40x30 image",
         ),
-        ({"annotations": [{**ANN, "bbox": [2, 3, 0, 5]}]}, r"ann\.json \(image id 1, '1\.jpg'\): object 0: box .* has zero or negative area"),
+        (
+            {"annotations": [{**ANN, "bbox": [2, 3, 0, 5]}]},
+            r"ann\.json \(image id 1, '1\.jpg'\): object 0: box .* has zero or negative area",
+        ),
         ({"annotations": [{**ANN, "category_id": 9}]}, r"category_id 9 is not in 'categories'"),
         ({"annotations": [{**ANN, "image_id": 2}]}, r"unknown image_id 2"),
         (

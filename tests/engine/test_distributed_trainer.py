@@ -1,7 +1,8 @@
 """The trainer's hand-made all-reduces: 2 gloo processes x batch B/2 == 1 process x batch B.
 
 A norm-free toy BiSSL model (BN would make per-process batches differ) runs the trainer's own
-lower step, stage Hessian and upper step; SimCLR's loss is global through the gather.
+lower step, stage system (Hessian, Gauss-Newton or Fisher) and upper step; SimCLR's loss is global
+through the gather.
 """
 
 import os
@@ -10,7 +11,7 @@ from collections import OrderedDict
 from bissl_det.config import add_bissl_config
 from bissl_det.engine import BilevelTrainer
 from bissl_det.modeling.meta_arch import BiSSL
-from bissl_det.modeling.pretext import nt_xent_loss
+from bissl_det.modeling.pretext.simclr import nt_xent_logits
 
 import pytest
 import torch
@@ -40,9 +41,14 @@ class ToyLower(nn.Module):
     def head_parameters(self):
         return self.head.parameters()
 
-    def forward(self, v1, v2):
+    def ggn_outputs(self, v1, v2):
         z1, z2 = self.head(self.encoder.resnet(v1)), self.head(self.encoder.resnet(v2))
-        return nt_xent_loss(z1, z2, temperature=0.5, gather=True)
+        logits, positives = nt_xent_logits(z1, z2, temperature=0.5, gather=True)
+        return logits, lambda outputs: F.cross_entropy(outputs, positives)
+
+    def forward(self, v1, v2):
+        outputs, loss_of_outputs = self.ggn_outputs(v1, v2)
+        return loss_of_outputs(outputs)
 
 
 class ToyUpper(nn.Module):
@@ -65,8 +71,8 @@ def _data():
     return pretext, downstream
 
 
-def _run(output_dir: str, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """One lower step, the stage Hessian and one upper step on this process's share."""
+def _run(output_dir: str, rank: int, world: int, curvature: str) -> dict[str, torch.Tensor]:
+    """One lower step, the stage's system and one upper step on this process's share."""
     torch.manual_seed(0)
     model = BiSSL(lower=ToyLower(), upper=ToyUpper())
     model.copy_lower_backbone_to_upper()
@@ -75,6 +81,7 @@ def _run(output_dir: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     cfg.BISSL.LOWER.CLIP_GRAD_NORM = cfg.BISSL.UPPER.CLIP_GRAD_NORM = 0.0
     cfg.BISSL.LAMBDA, cfg.BISSL.HYPERGRAD.DAMPING = 0.5, 0.0
     cfg.BISSL.LOWER.WARMUP_STEPS = 0
+    cfg.BISSL.HYPERGRAD.CURVATURE = curvature
     trainer = BilevelTrainer(cfg, model=model)
     share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     pretext, downstream = _data()
@@ -84,33 +91,36 @@ def _run(output_dir: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     with EventStorage() as storage:
         trainer.storage = storage
         lower_loss, _ = trainer.lower_step(0)
-        hvp = trainer.stage_hessian()
-        stats = trainer.upper_step(hvp, 0)
+        system = trainer.stage_system()
+        stats = trainer.upper_step(system, 0)
+        system.release()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state.update({f"grad.{n}": p.grad.clone() for n, p in model.upper.named_parameters()})
     state["lower_loss"] = torch.tensor(lower_loss)
-    state["cg_residual"] = torch.tensor(stats["cg_residual"])
+    for key in ("hypergrad_rel_residual", "hypergrad_cosine", "hypergrad_norm_ratio"):
+        state[key] = torch.tensor(stats[key])
     return state
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir, curvature):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = _run(os.path.join(out_dir, f"rank{rank}"), rank, world)
+        result = _run(os.path.join(out_dir, f"rank{rank}"), rank, world, curvature)
         torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.dist
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "fisher"])
+def test_two_processes_match_one(tmp_path, curvature):
     os.makedirs(tmp_path / "single")
-    single = _run(str(tmp_path / "single"), 0, 1)
+    single = _run(str(tmp_path / "single"), 0, 1, curvature)
     for r in range(2):
         os.makedirs(tmp_path / f"rank{r}")
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       start_method="spawn")  # fmt: skip
+    args = (2, str(tmp_path / "init"), str(tmp_path), curvature)
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn")
     for r in range(2):
         multi = torch.load(tmp_path / f"result{r}.pt", weights_only=True)
         # lower_loss is each process's share of the global SimCLR loss; the rest is global.

@@ -1,6 +1,7 @@
 """BISSL.HYPERGRAD in the trainer: every curvature x solver runs and logs truthful diagnostics."""
 
 import json
+import logging
 import math
 
 from bissl_det.engine import BilevelTrainer
@@ -89,8 +90,9 @@ def test_ggn_with_converged_cg_is_well_posed(in_demo_workdir, tmp_path):
         assert record["hypergrad_eig_min"] > 0
 
 
-def test_hessian_near_init_reports_negative_curvature(in_demo_workdir, tmp_path):
+def test_hessian_near_init_reports_negative_curvature(in_demo_workdir, tmp_path, caplog):
     """At random init the damped Hessian system is indefinite: the diagnostics must say so."""
+    caplog.set_level(logging.INFO, logger="bissl_det.engine.hypergrad")
     cfg = tiny_config(
         TINY_C4,
         tmp_path,
@@ -101,6 +103,9 @@ def test_hessian_near_init_reports_negative_curvature(in_demo_workdir, tmp_path)
     assert sum(r["hypergrad_negative_curvature"] for r in records) > 0
     assert min(r["hypergrad_eig_min"] for r in records) < 0
     assert sum(r["hypergrad_truncated"] for r in records) > 0
+    # ... on the console too, once per stage.
+    lines = [r.getMessage() for r in caplog.records if "hypergradient:" in r.getMessage()]
+    assert len(lines) == len(records) and "negative_curvature" in lines[0]
 
 
 def _hypergrad(**values) -> CfgNode:

@@ -58,6 +58,21 @@ def test_copy_lower_backbone_to_upper():
         assert torch.equal(lower, upper)
 
 
+def test_buffer_pairs_follow_device_and_dtype_moves():
+    """``.to()``/``.cuda()``/``.double()`` replace buffers: the pairs must hold the new ones."""
+    model = _model(TINY_C4).double()
+    live = {id(b) for b in model.buffers()}
+    pairs = model.backbone_buffer_pairs
+    assert pairs.lower and all(id(b) in live for b in (*pairs.lower, *pairs.upper))
+    assert all(b.dtype == torch.float64 for b in pairs.lower if b.is_floating_point())
+    with torch.no_grad():
+        for b in pairs.lower:
+            b.add_(1)
+    model.copy_lower_backbone_to_upper()
+    for lower, upper in zip(pairs.lower, pairs.upper, strict=True):
+        assert torch.equal(lower, upper)
+
+
 def test_downstream_loss_on_theta(in_demo_workdir, tmp_path):
     """The theta view equals the detector run with theta's weights, grads go to theta only,
     and no BN statistics move in either level."""

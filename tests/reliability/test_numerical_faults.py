@@ -102,22 +102,17 @@ def test_nonfinite_downstream_loss_stops_at_the_upper_level(
 
 def test_nonfinite_cg_residual_stops_at_the_upper_level(in_demo_workdir, tmp_path):
     trainer = _trainer(tmp_path / "out")
-    stage_hessian = trainer.stage_hessian
+    stage_system = trainer.stage_system
 
-    class InfiniteCurvature:
-        """The stage's real H v, overflowing from the second stage on."""
+    def overflowing_system():
+        """The stage's real system, its curvature products overflowing from stage 1 on."""
+        system = stage_system()
+        if trainer.iter >= 1:
+            real = system.curvature.matvec
+            system.curvature.matvec = lambda v: tuple(t * math.inf for t in real(v))
+        return system
 
-        def __init__(self, hvp, blow_up: bool):
-            self.hvp, self.blow_up = hvp, blow_up
-
-        def __call__(self, v):
-            out = self.hvp(v)
-            return tuple(t * math.inf for t in out) if self.blow_up else out
-
-        def release(self):
-            self.hvp.release()
-
-    trainer.stage_hessian = lambda: InfiniteCurvature(stage_hessian(), trainer.iter >= 1)
+    trainer.stage_system = overflowing_system
     with pytest.raises(FloatingPointError) as err:
         trainer.train()
     message = str(err.value)

@@ -130,3 +130,21 @@ def test_bad_schedule_key_is_named(in_demo_workdir, tmp_path):
     cfg = tiny_config(DEMO["byol"], tmp_path, *TINY, "PRETRAIN.EMA_SCHEDULE", "linear")
     with pytest.raises(ValueError, match="PRETRAIN.EMA_SCHEDULE"):
         PretrainTrainer(cfg)
+
+
+def test_sync_bn_option(monkeypatch):
+    """PRETRAIN.SYNC_BN converts every BN to SyncBatchNorm in multi-process runs (CUDA only)."""
+    import bissl_det.engine.pretrain as pretrain
+
+    cfg = load_config(str(DEMO["byol"]), [*TINY, "PRETRAIN.SYNC_BN", "True"])
+    plain = pretrain.build_pretrain_model(cfg)  # one process: nothing to synchronise
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
+    monkeypatch.setattr(pretrain, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="PRETRAIN.SYNC_BN needs CUDA"):
+        pretrain.build_pretrain_model(cfg)
+    kinds = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    count = sum(isinstance(m, kinds) for m in plain.modules())
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(plain)
+    # Online and BYOL target networks alike: the conversion reaches every BN layer.
+    assert count > 0
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == count

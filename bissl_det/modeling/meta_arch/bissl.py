@@ -67,12 +67,21 @@ class BiSSL(nn.Module):
             dict(upper.named_parameters()),
             "parameter",
         )
-        buffers = pair_by_suffix(
-            dict(self.lower_backbone.named_buffers()), dict(upper.named_buffers()), "buffer"
-        )
-        self._params, self._buffers_pairs = params, buffers
+        self._params, self._buffers_pairs = params, self._pair_buffers()
         upper_backbone = {id(t) for t in params.upper}
         self._upper_head = tuple(p for p in upper.parameters() if id(p) not in upper_backbone)
+
+    def _pair_buffers(self) -> BackbonePairs:
+        return pair_by_suffix(
+            dict(self.lower_backbone.named_buffers()), dict(self.upper.named_buffers()), "buffer"
+        )
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .double() replace every buffer by a new tensor (parameters keep their
+        # identity): pair the new ones, or BN statistics would be read from stale copies.
+        module = super()._apply(fn, *args, **kwargs)
+        self._buffers_pairs = self._pair_buffers()
+        return module
 
     @classmethod
     def from_config(cls, cfg):
