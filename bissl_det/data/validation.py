@@ -20,6 +20,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from detectron2.structures import BoxMode
 
@@ -166,22 +167,10 @@ def check_image_files(name: str, dicts: list[dict], decode: bool) -> None:
         DatasetValidationError: Listing the first problems, each naming the image file.
     """
 
-    def check(record: dict) -> str | None:
-        try:
-            width, height = check_image_file(record["file_name"], decode=decode)
-        except ImageReadError as e:
-            return str(e)
-        if (width, height) != (record["width"], record["height"]):
-            return (
-                f"image {record['file_name']!r} is {width}x{height}, but its annotation says "
-                f"{record['width']}x{record['height']}"
-            )
-        return None
+    def problem(record: dict) -> str | None:
+        return _image_problem(record["file_name"], decode, (record["width"], record["height"]))
 
-    with ThreadPoolExecutor(CHECK_THREADS) as pool:
-        problems = [p for p in pool.map(check, dicts) if p]
-    checked = "decoded" if decode else "header-checked"
-    raise_problems(f"dataset {name!r} (images {checked})", problems)
+    _check_images(f"dataset {name!r}", dicts, problem, decode)
 
 
 def check_image_paths(what: str, paths: Sequence[str], decode: bool) -> None:
@@ -190,14 +179,24 @@ def check_image_paths(what: str, paths: Sequence[str], decode: bool) -> None:
     Raises:
         DatasetValidationError: Listing the first problems, each naming the image file.
     """
+    _check_images(what, paths, lambda path: _image_problem(path, decode), decode)
 
-    def check(path: str) -> str | None:
-        try:
-            check_image_file(path, decode=decode)
-        except ImageReadError as e:
-            return str(e)
-        return None
 
+def _image_problem(path: str, decode: bool, size: tuple[int, int] | None = None) -> str | None:
+    """The problem with one image file (unreadable, or not ``size`` = (width, height)), or None."""
+    try:
+        width, height = check_image_file(path, decode=decode)
+    except ImageReadError as e:
+        return str(e)
+    if size is not None and (width, height) != size:
+        return f"image {path!r} is {width}x{height}, but its annotation says {size[0]}x{size[1]}"
+    return None
+
+
+def _check_images(
+    what: str, items: Sequence, problem: Callable[[Any], str | None], decode: bool
+) -> None:
+    """Run ``problem`` over ``items`` on :data:`CHECK_THREADS` threads and raise what it finds."""
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
-        problems = [p for p in pool.map(check, paths) if p]
+        problems = [p for p in pool.map(problem, items) if p]
     raise_problems(f"{what} (images {'decoded' if decode else 'header-checked'})", problems)

@@ -1,21 +1,9 @@
-"""Small utilities shared across the project (no detectron2 imports here)."""
+"""Small utilities shared across the project (no detectron2 imports here).
 
-from .distributed import (
-    all_reduce_grads_,
-    all_reduce_mean,
-    all_reduce_mean_,
-    gather_with_grad,
-    is_distributed,
-    rank,
-    world_size,
-)
+The process-group helpers of :mod:`.distributed` are re-exported here under the same names.
+"""
 
-__all__ = [
-    "all_reduce_grads_",
-    "all_reduce_mean",
-    "all_reduce_mean_",
-    "gather_with_grad",
-    "is_distributed",
-    "rank",
-    "world_size",
-]
+from . import distributed
+from .distributed import *  # noqa: F403  (the names listed in distributed.__all__)
+
+__all__ = list(distributed.__all__)

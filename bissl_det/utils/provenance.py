@@ -20,9 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..data.images import IMAGE_EXTENSIONS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "torchvision", "detectron2", "bissl_det", "numpy")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Keys that hold no metric: aggregate_seeds/compare_runs skip them.
 NON_METRIC_KEYS = ("units", "provenance")
 
@@ -111,7 +112,7 @@ def count_images(root: str) -> int | None:
     if not root or not os.path.isdir(root):
         return None
     return sum(
-        name.lower().endswith(IMAGE_SUFFIXES) for _, _, files in os.walk(root) for name in files
+        name.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(root) for name in files
     )
 
 

@@ -21,6 +21,7 @@ from bissl_det.modeling.backbone import PooledEncoder, build_resnet_trunk
 from bissl_det.modeling.meta_arch import build_pretext_model
 from bissl_det.modeling.pretext import SimCLR
 from bissl_det.utils.distributed import all_reduce_mean
+from tests.bilevel.tensors import DT, flatten, random_like, unflatten
 from tests.conftest import NARROW_RESNET, TINY_C4
 
 import pytest
@@ -29,25 +30,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
-
-DT = torch.float64
-
-
-def flatten(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def unflatten(vec, like):
-    out, start = [], 0
-    for t in like:
-        out.append(vec[start : start + t.numel()].reshape(t.shape))
-        start += t.numel()
-    return tuple(out)
-
-
-def random_like(params, gen):
-    return tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params)
-
 
 # ---------------------------------------------------- Gauss-Newton against closed forms
 

@@ -17,27 +17,13 @@ from bissl_det.bilevel import (
     tuple_dot,
     tuple_norm,
 )
+from tests.bilevel.tensors import DT, flatten, unflatten
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-
-DT = torch.float64
-
-
-def flatten(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def unflatten(vec, like):
-    out, start = [], 0
-    for t in like:
-        out.append(vec[start : start + t.numel()].reshape(t.shape))
-        start += t.numel()
-    return tuple(out)
-
 
 # ---------------------------------------------------- Hessian-vector products
 
