@@ -1,5 +1,7 @@
 """The compatibility module: clear errors for missing compiled ops, no effect on a full build."""
 
+import os
+import subprocess
 import sys
 import types
 
@@ -60,5 +62,72 @@ def test_missing_ops_get_the_shims(monkeypatch):
     assert Image.LINEAR == Image.BILINEAR
 
 
-def test_detectron2_faster_rcnn_imports_after_bissl_det():
-    from detectron2.modeling import build_model  # noqa: F401
+def test_aliases_detectron2_v0_6_uses_exist_and_behave():
+    """After ``import bissl_det`` (done above), v0.6's numpy and Pillow spellings work."""
+    for name, builtin in compat.NUMPY_ALIASES.items():
+        # numpy 2 brought back np.bool as its own bool type: any alias of the same dtype serves.
+        assert np.dtype(getattr(np, name)) == np.dtype(builtin), f"np.{name}"
+    # detectron2 v0.6 writes e.g. ``np.asarray(boxes, dtype=np.float)`` and ``.astype(np.int)``.
+    assert np.asarray([1, 2], dtype=np.float).dtype == np.float64
+    assert np.asarray([1.7, -1.7]).astype(np.int).tolist() == [1, -1]
+    # ... and resizes with Image.LINEAR (its ResizeTransform's default): the bilinear filter.
+    image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8))
+    linear = np.asarray(image.resize((5, 3), Image.LINEAR))
+    assert np.array_equal(linear, np.asarray(image.resize((5, 3), Image.BILINEAR)))
+    assert not np.array_equal(linear, np.asarray(image.resize((5, 3), Image.NEAREST)))
+
+
+@pytest.mark.parametrize("op", ["nms_rotated", "deform_conv_forward", "ROIAlignRotated_forward"])
+def test_calling_a_missing_op_names_it(op):
+    stub = compat._MissingOps(compat.STUB_NAME)
+    with pytest.raises(compat.MissingCompiledOpError, match=rf"detectron2\._C\.{op} is a compiled"):
+        getattr(stub, op)(torch.zeros(1))
+    assert isinstance(compat.MissingCompiledOpError(), AttributeError)  # hasattr() stays False
+    assert not hasattr(stub, op)
+    with pytest.raises(AttributeError):  # dunder probes (pickle, copy) are plain misses
+        stub.__wrapped__  # noqa: B018
+
+
+# Run in a fresh interpreter: the shims must work when bissl_det is the first import.
+FASTER_RCNN_FORWARD = """
+import bissl_det
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+cfg = get_cfg()  # detectron2's default: Faster R-CNN, ResNet-50 C4, upright boxes
+cfg.MODEL.DEVICE = "cpu"
+cfg.MODEL.RESNETS.STEM_OUT_CHANNELS, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 16, 32
+cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 8
+cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+cfg.INPUT.MIN_SIZE_TEST = 96
+torch.manual_seed(0)
+model = build_model(cfg)
+image = torch.rand(3, 96, 128) * 255
+target = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 20.0, 60.0, 80.0]])),
+                   gt_classes=torch.tensor([1]))
+with EventStorage():
+    losses = model([{"image": image, "instances": target}])
+assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}, losses
+assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
+sum(losses.values()).backward()
+model.eval()
+with torch.no_grad():
+    (out,) = model([{"image": image, "height": 96, "width": 128}])
+assert out["instances"].image_size == (96, 128)
+print("forward ok", bissl_det.compat.COMPILED_OPS_STUBBED)
+"""
+
+
+def test_detectron2_faster_rcnn_forward_works_after_importing_bissl_det():
+    done = subprocess.run(
+        [sys.executable, "-c", FASTER_RCNN_FORWARD],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"forward ok {not compat.has_compiled_ops()}" in done.stdout
