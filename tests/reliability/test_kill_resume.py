@@ -8,68 +8,24 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from . import TINY_C4, TRAIN_BISSL, one_thread, tiny_cfg
+from . import one_thread, tiny_cfg
+from .runs import ENV, assert_same_weights, bissl_command, run, start
 
-STAGES = 4
-# Every stage checkpointed; no evaluation at the end (it does not change the weights).
-OPTS = [
-    "BISSL.STAGES", str(STAGES),
-    "BISSL.CHECKPOINT_PERIOD", "1",
-    "SEED", "0",
-    "DATASETS.TEST", "()",
-]  # fmt: skip
 KILL_AFTER = "model_0000001.pth"  # written after stage index 1 of 0..3: two stages remain
-
-
-def _command(output_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(TRAIN_BISSL),
-        "--config-file",
-        str(TINY_C4),
-        *extra,
-        *OPTS,
-        "OUTPUT_DIR",
-        str(output_dir),
-    ]
-
-
-# One thread per run: two runs share the CI machine, and the result must not depend on it.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _run(cwd: Path, output_dir: Path, *extra: str) -> None:
-    proc = subprocess.run(
-        _command(output_dir, *extra), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(demo_workdir, tmp_path):
     out_a, out_b = tmp_path / "killed", tmp_path / "uninterrupted"
     # The uninterrupted reference runs alongside the run that is killed.
-    ref = subprocess.Popen(
-        _command(out_b),
-        cwd=demo_workdir,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    ref = start(bissl_command(out_b), demo_workdir)
     victim = subprocess.Popen(
-        _command(out_a),
+        bissl_command(out_a),
         cwd=demo_workdir,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -91,19 +47,15 @@ def test_killed_run_resumes_to_the_same_weights(demo_workdir, tmp_path):
     assert tag in {KILL_AFTER, "model_0000000.pth"}, tag
     resume_at = int(tag.removeprefix("model_").removesuffix(".pth")) + 1
 
-    _run(demo_workdir, out_a, "--resume")
+    resumed = run(bissl_command(out_a, "--resume"), demo_workdir, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     ref_log, _ = ref.communicate(timeout=120)
     assert ref.returncode == 0, ref_log[-3000:]
     assert f"Starting training from iteration {resume_at}" in (out_a / "log.txt").read_text()
 
-    resumed, reference = _weights(out_a / "model_final.pth"), _weights(out_b / "model_final.pth")
-    assert resumed.keys() == reference.keys()
-    differ = [k for k in reference if not torch.equal(resumed[k], reference[k])]
-    assert not differ, f"{len(differ)} of {len(reference)} tensors differ, e.g. {differ[:5]}"
+    assert_same_weights(out_a / "model_final.pth", out_b / "model_final.pth")
     # The exported result (theta) is the same file content too.
-    lower_a = _weights(out_a / "lower_backbone.pth")
-    lower_b = _weights(out_b / "lower_backbone.pth")
-    assert all(torch.equal(lower_a[k], lower_b[k]) for k in lower_b)
+    assert_same_weights(out_a / "lower_backbone.pth", out_b / "lower_backbone.pth")
 
 
 @pytest.mark.usefixtures(one_thread.__name__)

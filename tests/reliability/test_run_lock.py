@@ -20,8 +20,8 @@ from bissl_det.engine.run_lock import (
 import pytest
 
 from . import REPO, TINY_C4, TRAIN_BISSL
+from .runs import ENV, run
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # A process that holds a folder's lock until it is killed (it imports only the lock module).
 HOLDER = f"""
 import importlib.util, sys, time
@@ -62,14 +62,8 @@ def test_second_run_is_refused_naming_folder_and_holder(holder):
 def test_a_real_second_tool_run_stops_before_writing(holder, demo_workdir):
     out, process = holder
     before = sorted(p.name for p in out.iterdir())
-    second = subprocess.run(
-        [sys.executable, str(TRAIN_BISSL), "--config-file", str(TINY_C4), "OUTPUT_DIR", str(out)],
-        cwd=demo_workdir,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = [sys.executable, str(TRAIN_BISSL), "--config-file", str(TINY_C4)]
+    second = run([*command, "OUTPUT_DIR", str(out)], demo_workdir, timeout=120)
     assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
     assert f"OutputDirInUse: OUTPUT_DIR {out} is in use by another run" in second.stderr
     assert f"pid {process.pid}" in second.stderr

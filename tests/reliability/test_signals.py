@@ -25,7 +25,7 @@ from detectron2.engine import HookBase, TrainerBase, hooks
 from detectron2.utils import comm
 
 from . import REPO, one_thread
-from .test_kill_resume import ENV, STAGES, _command, _weights
+from .runs import ENV, STAGES, assert_same_weights, bissl_command, run, start
 
 # ---- A real tool, a real signal, a real --resume ----------------------------------------------
 
@@ -36,22 +36,8 @@ ONLY_FINAL = ["BISSL.CHECKPOINT_PERIOD", "0"]
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_is_bit_identical(demo_workdir, tmp_path):
     out_a, out_b = tmp_path / "interrupted", tmp_path / "uninterrupted"
-    ref = subprocess.Popen(
-        _command(out_b) + ONLY_FINAL,
-        cwd=demo_workdir,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    victim = subprocess.Popen(
-        _command(out_a) + ONLY_FINAL,
-        cwd=demo_workdir,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    ref = start(bissl_command(out_b) + ONLY_FINAL, demo_workdir)
+    victim = start(bissl_command(out_a) + ONLY_FINAL, demo_workdir)
     deadline = time.monotonic() + 180
     metrics = out_a / "metrics.json"
     while not (metrics.exists() and metrics.read_text().strip()):  # stage 0 is done
@@ -70,23 +56,13 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(demo_workdir, tmp_path)
     assert not (out_a / "model_final.pth").exists()
     assert not (out_a / "lower_backbone.pth").exists()
 
-    resumed = subprocess.run(
-        _command(out_a, "--resume") + ONLY_FINAL,
-        cwd=demo_workdir,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    resumed = run(bissl_command(out_a, "--resume") + ONLY_FINAL, demo_workdir, timeout=180)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     ref_log, _ = ref.communicate(timeout=180)
     assert ref.returncode == 0, ref_log[-3000:]
     assert f"Starting training from iteration {stopped + 1}" in (out_a / "log.txt").read_text()
     for name in ("model_final.pth", "lower_backbone.pth"):
-        a, b = _weights(out_a / name), _weights(out_b / name)
-        assert a.keys() == b.keys()
-        differ = [k for k in b if not torch.equal(a[k], b[k])]
-        assert not differ, f"{name}: {len(differ)} of {len(b)} tensors differ, e.g. {differ[:5]}"
+        assert_same_weights(out_a / name, out_b / name)
 
 
 # ---- The same path in process, for SIGUSR1 (Slurm's warning) and SIGINT (Ctrl-C) ---------------
