@@ -14,7 +14,7 @@ from tests.conftest import CONFIGS, NARROW_RESNET, REPO
 import pytest
 
 TOOLS = ["train_bissl", "finetune_det", "pretrain_ssl", "eval_cls", "aggregate_seeds",
-         "compare_runs", "inspect_dataset", "convert_checkpoint", "submit"]  # fmt: skip
+         "compare_runs", "inspect_dataset", "convert_checkpoint", "submit", "search"]  # fmt: skip
 # As a user starts them (Python's default warning filters).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ANSI = "\x1b["

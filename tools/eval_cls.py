@@ -40,14 +40,8 @@ def main(args):
     cfg = setup(args)
     results = run_cls_eval(cfg, seeds=args.seeds, linear_probe=args.linear_probe)
     # run_cls_eval wrote OUTPUT_DIR/cls_results.json; the same record, with units and provenance.
-    write_results(
-        f"{cfg.OUTPUT_DIR}/cls_results.json",
-        results,
-        cfg,
-        units=UNITS,
-        start_time=start,
-        config_file=args.config_file,
-    )
+    out = f"{cfg.OUTPUT_DIR}/cls_results.json"
+    write_results(out, results, cfg, units=UNITS, start_time=start, config_file=args.config_file)
     return results
 
 

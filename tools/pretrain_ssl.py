@@ -42,14 +42,8 @@ def main(args):
             "steps": trainer.max_iter,
             "export": f"{cfg.OUTPUT_DIR}/pretext_backbone.pth",
         }
-        write_results(
-            f"{cfg.OUTPUT_DIR}/results.json",
-            results,
-            cfg,
-            units=UNITS,
-            start_time=start,
-            config_file=args.config_file,
-        )
+        out = f"{cfg.OUTPUT_DIR}/results.json"
+        write_results(out, results, cfg, UNITS, start_time=start, config_file=args.config_file)
     return trainer
 
 
