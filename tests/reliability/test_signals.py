@@ -82,20 +82,15 @@ class SignalAt(HookBase):
 @pytest.mark.usefixtures(one_thread.__name__)
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "SIGINT"])
 def test_pretraining_stops_at_the_step_and_resumes_exactly(in_demo_workdir, tmp_path, signum):
-    from bissl_det.engine.pretrain import PretrainTrainer
     from tests.conftest import tiny_config
-    from tests.tools.test_pretrain_ssl import DEMO, TINY
+    from tests.tools.test_pretrain_ssl import DEMO, TINY, pretrainer
 
     opts = [*TINY, "PRETRAIN.ITERS", "4", "PRETRAIN.CHECKPOINT_PERIOD", "0"]
-    torch.manual_seed(0)
-    straight = PretrainTrainer(tiny_config(DEMO["byol"], tmp_path / "straight", *opts))
-    straight.resume_or_load(resume=False)
+    straight = pretrainer(tiny_config(DEMO["byol"], tmp_path / "straight", *opts))
     straight.train()
 
     cfg = tiny_config(DEMO["byol"], tmp_path / "split", *opts)
-    torch.manual_seed(0)
-    first = PretrainTrainer(cfg)
-    first.resume_or_load(resume=False)
+    first = pretrainer(cfg)
     first.register_hooks([SignalAt(1, signum)])
     handler = signal.getsignal(signum)
     name = signal.Signals(signum).name
@@ -107,9 +102,8 @@ def test_pretraining_stops_at_the_step_and_resumes_exactly(in_demo_workdir, tmp_
     assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
     assert not (out / "model_final.pth").exists() and not (out / "pretext_backbone.pth").exists()
 
-    torch.manual_seed(123)  # the resumed run must not depend on the fresh process's RNG
-    second = PretrainTrainer(cfg)
-    second.resume_or_load(resume=True)
+    # The resumed run must not depend on the fresh process's RNG.
+    second = pretrainer(cfg, resume=True, seed=123)
     assert second.start_iter == 2
     second.train()
     expected = straight.model.state_dict()

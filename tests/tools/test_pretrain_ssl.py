@@ -27,6 +27,14 @@ TINY = [
 ]
 
 
+def pretrainer(cfg, resume: bool = False, seed: int = 0) -> PretrainTrainer:
+    """A PretrainTrainer of ``cfg``, built right after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    trainer = PretrainTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    return trainer
+
+
 def _load_tool(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -98,21 +106,15 @@ def test_pretraining_exports_a_backbone_that_seeds_bissl(in_demo_workdir, tmp_pa
 def test_resume_continues_exactly(in_demo_workdir, tmp_path):
     """BYOL (LARS momentum, EMA target, BN statistics, data position, RNG): 2 + 2 == 4 steps."""
     opts = [*TINY, "PRETRAIN.ITERS", "4", "PRETRAIN.CHECKPOINT_PERIOD", "2"]
-    straight_cfg = tiny_config(DEMO["byol"], tmp_path / "straight", *opts)
-    torch.manual_seed(0)
-    straight = PretrainTrainer(straight_cfg)
-    straight.resume_or_load(resume=False)
+    straight = pretrainer(tiny_config(DEMO["byol"], tmp_path / "straight", *opts))
     straight.train()
 
     split_cfg = tiny_config(DEMO["byol"], tmp_path / "split", *opts)
-    torch.manual_seed(0)
-    first = PretrainTrainer(split_cfg)
-    first.resume_or_load(resume=False)
+    first = pretrainer(split_cfg)
     first.max_iter = 2  # stop half-way, as a crash would
     first.train()
-    torch.manual_seed(123)  # the resumed run must not depend on the fresh process's RNG
-    second = PretrainTrainer(split_cfg)
-    second.resume_or_load(resume=True)
+    # The resumed run must not depend on the fresh process's RNG.
+    second = pretrainer(split_cfg, resume=True, seed=123)
     assert second.start_iter == 2 and second.progress.pretext_batches == 2
     second.train()
     assert second.iter == 4 and second.progress.pretext_batches == 4
