@@ -120,11 +120,8 @@ def layerwise_conjugate_gradient(
     reference code steps on: ``"continue"``.
 
     Args:
-        matvec: ``v -> A v`` on tuples shaped like ``b``.
-        b: Right-hand side.
-        max_iter: Maximum number of iterations (= matrix-vector products).
+        matvec, b, max_iter, on_negative_curvature: As in :func:`conjugate_gradient`.
         tol: Stop once the reported residual is ``<= tol * ||b||``.
-        on_negative_curvature: ``"truncate"``, ``"continue"`` or ``"raise"``.
         check_residual: Report the true ``||b - A x||`` (one more product), not the recurrence.
         eps: Added to both denominators, as the reference does with 1e-12 (0 here: exact; a zero
             denominator makes that tensor's step 0 instead).
