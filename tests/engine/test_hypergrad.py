@@ -74,12 +74,18 @@ def test_every_curvature_and_solver_runs_and_logs(in_demo_workdir, tmp_path, cur
 
 
 def test_ggn_with_converged_cg_is_well_posed(in_demo_workdir, tmp_path):
-    """The issue's acceptance: true residual < 1e-2, no negative curvature (detector)."""
+    """The issue's acceptance: true residual < 1e-2, no negative curvature (detector).
+
+    A random-init narrow ResNet's Gauss-Newton matrix reaches eigenvalues ~1e4-1e5, so with
+    delta = 10 CG needs hundreds of products; delta = 3000 keeps the condition number ~30, so
+    that 100 iterations converge (what is tested is the diagnostics, not the model).
+    """
     cfg = tiny_config(
         TINY_C4,
         tmp_path,
-        *["BISSL.HYPERGRAD.CURVATURE", "ggn", "BISSL.HYPERGRAD.MAX_ITER", "80"],
+        *["BISSL.HYPERGRAD.CURVATURE", "ggn", "BISSL.HYPERGRAD.MAX_ITER", "100"],
         *["BISSL.HYPERGRAD.TOL", "1e-4", "BISSL.HYPERGRAD.ON_NEGATIVE_CURVATURE", "raise"],
+        *["BISSL.HYPERGRAD.DAMPING", "3000.0", "BISSL.STAGES", "1"],
         *["BISSL.CHECKPOINT_PERIOD", "0"],
     )
     records = [r for r in _run(cfg) if "hypergrad_rel_residual" in r]
