@@ -78,8 +78,8 @@ def test_registered_voc_loads_through_detectron2(tmp_path):
         ({"x": _xml([("dog", (1, 1, 5, 5), 0)])}, r"x\.xml: object 0 has class 'dog'.*not in"),
         (
             {"x": _xml([("circle", (0, 1, 5, 5), 0)])},
-            r"x\.xml: object 0: box \(xmin, ymin, xmax, ymax\)=\(0\.0, 1\.0, 5\.0, 5\.0\) lies outside "
-            r"the 40x30",
+            r"x\.xml: object 0: box \(xmin, ymin, xmax, ymax\)="
+            r"\(0\.0, 1\.0, 5\.0, 5\.0\) lies outside the 40x30",
         ),
         ({"x": _xml([("circle", (2, 2, 41, 5), 0)])}, r"x\.xml: .*41\.0.*outside the 40x30 image"),
         ({"x": _xml([("circle", (2, 2, 8, 31), 0)])}, r"x\.xml: .*outside"),
