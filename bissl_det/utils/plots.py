@@ -25,14 +25,14 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "upper_loss": ("downstream loss at phi (sum of the detector's losses)", "falls"),
     "upper_loss_on_theta": ("downstream loss at theta", "falls, close to upper_loss"),
     "theta_phi_distance": ("||theta - phi|| (L2 over backbone tensors)", "bounded by lambda"),
-    "cg_residual": ("solver residual ||A x - g||", "small against ||g||"),
-    "cg_iterations": ("solver iterations", "<= BISSL.HYPERGRAD.MAX_ITER"),
+    "hypergrad_iterations": ("solver iterations", "<= BISSL.HYPERGRAD.MAX_ITER"),
+    "hypergrad_rel_residual_max": ("max over the stage of ||A x - g|| / ||g||", "good: < 1e-2"),
     "hypergrad_rel_residual": ("||A x - g|| / ||g||", "good: < 1e-2"),
     "hypergrad_negative_curvature": ("directions with p^T A p <= 0 (count)", "good: 0"),
     "hypergrad_cosine": ("cos(x, g)", "1: x along g; near 0: the solve turned x away"),
-    "hypergrad_norm_ratio": ("||x|| / ||g||", "<= 1 if H >= 0; > 1 proves negative curvature"),
-    "hypergrad_eig_min": ("smallest eigenvalue of I + H/(lambda+delta)", "good: > 0"),
-    "hypergrad_eig_max": ("largest eigenvalue of I + H/(lambda+delta)", "condition = max/min"),
+    "hypergrad_norm_ratio": ("||x|| / ||g||", "<= 1 if C >= 0; > 1 proves negative curvature"),
+    "hypergrad_eig_min": ("smallest eigenvalue of I + C/(lambda+delta)", "good: > 0"),
+    "hypergrad_eig_max": ("largest eigenvalue of I + C/(lambda+delta)", "condition = max/min"),
     "stage_time": ("seconds per stage", ""),
     "upper_grad_norm": ("||grad|| before clipping", ""),
     # Pretraining.
@@ -55,11 +55,12 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
 }
 REFERENCE_LINES = {
     "hypergrad_rel_residual": 1e-2,
+    "hypergrad_rel_residual_max": 1e-2,
     "hypergrad_negative_curvature": 0.0,
     "hypergrad_norm_ratio": 1.0,
     "hypergrad_eig_min": 0.0,
 }
-LOG_SCALE = ("cg_residual", "hypergrad_rel_residual")
+LOG_SCALE = ("hypergrad_rel_residual", "hypergrad_rel_residual_max")
 MAX_COLUMNS = 4  # panels per row of a figure
 
 BISSL_PLOTS: PlotTable = {
@@ -67,7 +68,7 @@ BISSL_PLOTS: PlotTable = {
     "hypergradient.png": (
         "Implicit gradient diagnostics",
         [
-            "cg_residual",
+            "hypergrad_rel_residual_max",
             "hypergrad_rel_residual",
             "hypergrad_cosine",
             "hypergrad_norm_ratio",
