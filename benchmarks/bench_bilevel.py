@@ -51,6 +51,7 @@ from bissl_det.bilevel import (
     Curvature,
     HessianVectorProduct,
     RecomputingHessianVectorProduct,
+    batch_statistics_only,
     functional_hvp,
     tuple_norm,
 )
@@ -312,19 +313,6 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
         restore()
 
 
-@contextlib.contextmanager
-def batch_stat_bn(module: nn.Module) -> Iterator[None]:
-    """BN normalises with batch statistics and leaves running statistics alone (torch.func)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
 # ---- Benchmarks ------------------------------------------------------------------------------
 
 
@@ -387,7 +375,7 @@ def bench_model(bench: Bench, args: argparse.Namespace, log: Callable[[str], Non
     out["stage_steps"] = {"N_L": n_l, "N_U": n_u, "cg_iterations": REFERENCE_K}
 
     # (e) double backward vs torch.func forward-over-reverse, BN on batch statistics for both.
-    with batch_stat_bn(bench.model.lower):
+    with batch_statistics_only(bench.model.lower):
         out["functional"] = bench_functional(bench, run)
     r["functional_over_retained_hvp"] = ratio(t["hvp_func"], t["hvp_retained_batchstat_bn"])
     r["functional_over_recomputing_hvp"] = ratio(t["hvp_func"], t["hvp_recomputing_batchstat_bn"])

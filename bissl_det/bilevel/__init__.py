@@ -5,6 +5,7 @@ from .curvature import (
     Curvature,
     GaussNewtonCurvature,
     HessianCurvature,
+    batch_statistics_only,
     pretext_curvature,
     scratch_buffers,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "RitzInfo",
     "SolveInfo",
     "TensorTuple",
+    "batch_statistics_only",
     "conjugate_gradient",
     "damped_matvec",
     "functional_hvp",

@@ -32,6 +32,7 @@ __all__ = [
     "Curvature",
     "GaussNewtonCurvature",
     "HessianCurvature",
+    "batch_statistics_only",
     "pretext_curvature",
     "scratch_buffers",
 ]
@@ -200,6 +201,25 @@ def scratch_buffers(module: nn.Module) -> Iterator[None]:
     finally:
         for owner, name, buffer in saved:
             setattr(owner, name, buffer)
+
+
+@contextlib.contextmanager
+def batch_statistics_only(module: nn.Module) -> Iterator[None]:
+    """BN normalises with batch statistics and updates no running statistics inside the block.
+
+    For torch.func transforms (``functional_hvp``), which cannot mutate buffers: the same
+    Hessian as the trainer's (training-mode BN normalises with batch statistics too; the trainer
+    only sends the statistic updates to :func:`scratch_buffers`).
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, track in zip(norms, tracking, strict=True):
+            m.track_running_stats = track
 
 
 CURVATURES = ("hessian", "ggn", "fisher")

@@ -33,7 +33,7 @@ from ..utils.plots import PRETRAIN_PLOTS
 from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, build_writers
-from .resume import warn_inexact_resume
+from .resume import resume_from_last
 from .signals import with_graceful_interrupt
 
 logger = logging.getLogger(__name__)
@@ -114,11 +114,7 @@ class PretrainTrainer(FaultChecks, TrainerBase):
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume from OUTPUT_DIR's last checkpoint, or start from random weights."""
-        if resume and self.checkpointer.has_checkpoint():
-            checkpoint = self.checkpointer.resume_or_load("", resume=True)
-            self.start_iter = checkpoint.get("iteration", -1) + 1
-            logger.info("Resuming pretraining at step %d", self.start_iter)
-            warn_inexact_resume(self.cfg)
+        if resume and resume_from_last(self, "pretraining step"):
             return
         self.start_iter = 0
         if self.cfg.MODEL.WEIGHTS:

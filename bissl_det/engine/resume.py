@@ -42,3 +42,19 @@ def warn_inexact_resume(cfg: CfgNode) -> None:
             "are): %s",
             "; ".join(reasons),
         )
+
+
+def resume_from_last(trainer, what: str) -> bool:
+    """Continue ``trainer`` from OUTPUT_DIR's last usable checkpoint, if there is one.
+
+    Sets ``trainer.start_iter`` (0 without a checkpoint) and logs what is resumed and what is not
+    exact; returns whether it resumed. ``what`` names the unit in the log ("stage", "step").
+    """
+    trainer.start_iter = 0
+    if not trainer.checkpointer.has_checkpoint():
+        return False
+    checkpoint = trainer.checkpointer.resume_or_load("", resume=True)
+    trainer.start_iter = checkpoint.get("iteration", -1) + 1
+    logger.info("Resuming at %s %d", what, trainer.start_iter)
+    warn_inexact_resume(trainer.cfg)
+    return True

@@ -41,7 +41,7 @@ from .checkpointer import (
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, build_writers
 from .hypergrad import Hypergradient, LogHypergradient, StageSystem
-from .resume import warn_inexact_resume
+from .resume import resume_from_last
 from .signals import with_graceful_interrupt
 from .warmup import train_head, warmup_iterations
 
@@ -122,11 +122,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume from OUTPUT_DIR's last checkpoint, or initialise from MODEL.WEIGHTS."""
-        if resume and self.checkpointer.has_checkpoint():
-            checkpoint = self.checkpointer.resume_or_load("", resume=True)
-            self.start_iter = checkpoint.get("iteration", -1) + 1
-            logger.info("Resuming at stage %d", self.start_iter)
-            warn_inexact_resume(self.cfg)
+        if resume and resume_from_last(self, "stage"):
             return
         self.start_iter = 0
         if self.cfg.MODEL.WEIGHTS:

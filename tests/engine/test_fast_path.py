@@ -8,13 +8,13 @@ forward-over-reverse :func:`functional_hvp`, must give the same implicit gradien
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 
 from bissl_det.bilevel import (
     Curvature,
     RecomputingHessianVectorProduct,
+    batch_statistics_only,
     functional_hvp,
     implicit_gradient,
     tuple_norm,
@@ -24,7 +24,6 @@ from tests.conftest import TINY_C4, tiny_config
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call
 
 # Small damping: (I + H / (lam + delta)) must differ clearly from I, or a wrong H would pass.
@@ -45,19 +44,6 @@ class _Products(Curvature):
 
 def _rel_diff(a, b) -> float:
     return (tuple_norm(tuple(x - y for x, y in zip(a, b, strict=True))) / tuple_norm(b)).item()
-
-
-@contextlib.contextmanager
-def _batch_stat_bn(module: nn.Module):
-    """BN on batch statistics without running-statistic updates (torch.func cannot mutate)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
 
 
 @pytest.fixture
@@ -138,7 +124,7 @@ def test_retained_graph_equals_recomputing_and_functional(setup):
     # stage_system; running statistics are switched off because torch.func cannot update them.
     names = {id(p): n for n, p in lower.named_parameters()}
     params = {names[id(p)]: p for p in trainer.model.backbone_pairs.lower}
-    with _batch_stat_bn(lower):
+    with batch_statistics_only(lower):
         x_func = _solve(
             trainer, lambda v: functional_hvp(lower, lambda loss: loss, params, v, args=pretext), g
         )
