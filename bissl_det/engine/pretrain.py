@@ -114,7 +114,7 @@ class PretrainTrainer(FaultChecks, TrainerBase):
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume from OUTPUT_DIR's last checkpoint, or start from random weights."""
-        if resume and resume_from_last(self, "pretraining step"):
+        if resume and resume_from_last(self, "Resuming pretraining at step %d"):
             return
         self.start_iter = 0
         if self.cfg.MODEL.WEIGHTS:

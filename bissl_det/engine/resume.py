@@ -44,17 +44,17 @@ def warn_inexact_resume(cfg: CfgNode) -> None:
         )
 
 
-def resume_from_last(trainer, what: str) -> bool:
+def resume_from_last(trainer, message: str) -> bool:
     """Continue ``trainer`` from OUTPUT_DIR's last usable checkpoint, if there is one.
 
-    Sets ``trainer.start_iter`` (0 without a checkpoint) and logs what is resumed and what is not
-    exact; returns whether it resumed. ``what`` names the unit in the log ("stage", "step").
+    Sets ``trainer.start_iter`` (0 without a checkpoint) and logs ``message % start_iter`` and
+    what is not exact; returns whether it resumed.
     """
     trainer.start_iter = 0
     if not trainer.checkpointer.has_checkpoint():
         return False
     checkpoint = trainer.checkpointer.resume_or_load("", resume=True)
     trainer.start_iter = checkpoint.get("iteration", -1) + 1
-    logger.info("Resuming at %s %d", what, trainer.start_iter)
+    logger.info(message, trainer.start_iter)
     warn_inexact_resume(trainer.cfg)
     return True

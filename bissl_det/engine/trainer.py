@@ -122,7 +122,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume from OUTPUT_DIR's last checkpoint, or initialise from MODEL.WEIGHTS."""
-        if resume and resume_from_last(self, "stage"):
+        if resume and resume_from_last(self, "Resuming at stage %d"):
             return
         self.start_iter = 0
         if self.cfg.MODEL.WEIGHTS:
