@@ -47,20 +47,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bissl_det  # noqa: E402, F401
 from bissl_det.bilevel import (  # noqa: E402
+    Curvature,
+    EmpiricalFisherCurvature,
+    LanczosBasis,
+    conjugate_gradient,
     damped_matvec,
+    lanczos_extremes,
     layerwise_conjugate_gradient,
+    pretext_curvature,
     tuple_cosine,
     tuple_norm,
 )
-from bissl_det.bilevel import solvers as bilevel_solvers  # noqa: E402
+from bissl_det.engine.hypergrad import Hypergradient  # noqa: E402
 
 import bench_bilevel as bb  # noqa: E402  (the ratio benchmark's set-up, timing and machine info)
 import torch  # noqa: E402
 from common import minres  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 
 REPO = bb.REPO
 GOAL_COS, GOAL_TIME = 0.99, 0.35
@@ -90,39 +94,8 @@ PRESETS = {  # --quick: narrow ResNet-50, small images; full: the project's earl
 }  # fmt: skip
 
 
-# ---- The APIs under test (looked up late: they may land while this file is in use) -----------
-
-
-def bilevel_api(name: str):
-    """``bissl_det.bilevel.<name>`` or the same name in one of its modules; None if missing."""
-    import importlib
-
-    for module in ("bissl_det.bilevel", *(f"bissl_det.bilevel.{m}" for m in SUBMODULES)):
-        with contextlib.suppress(ImportError):
-            found = getattr(importlib.import_module(module), name, None)
-            if found is not None:
-                return found
-    return None
-
-
-SUBMODULES = ("solvers", "curvature", "lanczos")
-
-
-def continue_through_negative_curvature() -> dict:
-    """The authors' CG steps on through p^T A p <= 0 (the only behaviour before the option)."""
-    return {"on_negative_curvature": "continue"} if cg_supports_negative_curvature() else {}
-
-
-def cg_supports_negative_curvature() -> bool:
-    import inspect
-
-    return (
-        "on_negative_curvature" in inspect.signature(bilevel_solvers.conjugate_gradient).parameters
-    )
-
-
 class Counted:
-    """``v -> C v`` that counts its products."""
+    """``v -> C v`` that counts its products (the authors' recomputing product has no counter)."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn, self.products = fn, 0
@@ -169,13 +142,6 @@ def build_cfg(kind: str, args: argparse.Namespace, output_dir: str, lower_steps:
     return cfg
 
 
-def lower_backbone_grads(bench: bb.Bench) -> tuple[torch.Tensor, ...]:
-    return tuple(
-        torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-        for p in bench.model.backbone_pairs.lower
-    )
-
-
 @dataclass
 class Problem:
     """What every estimator sees: the stage's state, the Hessian batch, the 8 g's, the history."""
@@ -207,20 +173,16 @@ def prepare(kind: str, args: argparse.Namespace, tmp: str, log) -> Problem:
     start = time.perf_counter()
     losses, history = [], []
     # The Fisher history holds the pretext gradients alone (before proximity and clipping), as
-    # the trainer records them; a trainer without that hook: the step's final gradients.
-    hypergrad = getattr(trainer, "hypergrad", None)
-    if hypergrad is not None:
-        hypergrad.record_lower_gradient = lambda grads: history.append(
-            tuple(g.detach().clone() for g in grads)
-        )
+    # the trainer records them.
+    hypergrad = trainer.hypergrad
+    hypergrad.record_lower_gradient = lambda grads: history.append(
+        tuple(g.detach().clone() for g in grads)
+    )
     with EventStorage(0) as trainer.storage:
         for it in range(args.train_iters):
             losses.append(trainer.lower_step(it)[1])
-            if hypergrad is None:
-                history.append(lower_backbone_grads(bench))
             del history[:-FISHER_HISTORY]
-        if hypergrad is not None:
-            del hypergrad.record_lower_gradient
+        del hypergrad.record_lower_gradient
         model.copy_lower_backbone_to_upper()  # BiSSL starts with phi = theta (pretrained)
         trainer.run_head_warmup()
         log(
@@ -263,42 +225,16 @@ def prepare(kind: str, args: argparse.Namespace, tmp: str, log) -> Problem:
 # ---- Curvatures ------------------------------------------------------------------------------
 
 
-@dataclass
-class Curvature:
-    """``matvec`` (counted) and ``release`` of one stage's matrix C."""
-
-    system: str
-    matvec: Counted
-    release: Callable[[], None]
-    owner: object = None
-
-
 def build_curvature(problem: Problem, system: str) -> Curvature:
     """The stage's matrix ``system`` ("hessian", "ggn", "fisher") on the Hessian batch."""
-    lower, params = problem.bench.model.lower, problem.params
     if system == "fisher":
-        cls = bilevel_api("EmpiricalFisherCurvature")
-        if cls is None:
-            raise MissingAPI("EmpiricalFisherCurvature")
-        obj = cls(history_size=FISHER_HISTORY, device=problem.params[0].device)
+        fisher = EmpiricalFisherCurvature(FISHER_HISTORY, device=problem.params[0].device)
         for grads in problem.history:
-            obj.append(grads)
-        return Curvature(system, Counted(obj.matvec), lambda: None, obj)
-    build = bilevel_api("pretext_curvature")
-    if build is not None:
-        obj = build(system, lower, problem.hessian_batch, params)
-        return Curvature(system, Counted(obj.matvec), obj.release, obj)
-    if system != "hessian":
-        raise MissingAPI("pretext_curvature (GaussNewtonCurvature)")
-    # Before bilevel/curvature.py: the trainer's own Hessian (retained first-order graph).
-    buffers = {name: b.clone() for name, b in lower.named_buffers()}
-    loss = functional_call(lower, buffers, problem.hessian_batch, strict=False)
-    obj = bilevel_api("HessianVectorProduct")(loss, params)
-    return Curvature(system, Counted(obj), obj.release, obj)
-
-
-class MissingAPI(RuntimeError):
-    """An estimator's building block has not landed yet."""
+            fisher.append(grads)
+        return fisher
+    return pretext_curvature(
+        system, problem.bench.model.lower, problem.hessian_batch, problem.params
+    )
 
 
 # ---- Estimators: build once per stage, then solve the stage's right-hand sides ----------------
@@ -325,20 +261,17 @@ def _info(info) -> dict:
 def krylov(system: str, method: str, k: int, **options) -> Callable:
     """Curvature + CG-type solver with ``k`` iterations from x0 = 0."""
 
+    solver = {"cg": conjugate_gradient, "lcg": layerwise_conjugate_gradient}[method]
+
     def make(problem: Problem) -> StageSolver:
-        if options and not cg_supports_negative_curvature():
-            raise MissingAPI("conjugate_gradient(on_negative_curvature=...)")
         curv = build_curvature(problem, system)
         a = damped_matvec(curv.matvec, problem.lam, problem.delta)
-        solver = bilevel_api(
-            {"cg": "conjugate_gradient", "lcg": "layerwise_conjugate_gradient"}[method]
-        )
 
         def solve(g):
             x, info = solver(a, g, max_iter=k, tol=0.0, **options)
             return x, _info(info)
 
-        return StageSolver(system, solve, lambda: curv.matvec.products, curv.release)
+        return StageSolver(system, solve, lambda: curv.products, curv.release)
 
     return make
 
@@ -347,16 +280,13 @@ def lanczos(system: str, m: int) -> Callable:
     """One Lanczos basis of size m per stage (from the first g), every g solved in it."""
 
     def make(problem: Problem) -> StageSolver:
-        basis_cls = bilevel_api("LanczosBasis")
-        if basis_cls is None:
-            raise MissingAPI("LanczosBasis")
         curv = build_curvature(problem, system)
         a = damped_matvec(curv.matvec, problem.lam, problem.delta)
         state: dict = {}
 
         def solve(g):
             if "basis" not in state:  # built at the stage's first upper step, from its g
-                state["basis"] = basis_cls.build(a, g, m)
+                state["basis"] = LanczosBasis.build(a, g, m)
             x, info = state["basis"].solve(g)
             return x, _info(info)
 
@@ -365,7 +295,7 @@ def lanczos(system: str, m: int) -> Callable:
                 state["basis"].release()
             curv.release()
 
-        return StageSolver(system, solve, lambda: curv.matvec.products, release)
+        return StageSolver(system, solve, lambda: curv.products, release)
 
     return make
 
@@ -376,7 +306,7 @@ def fisher(problem: Problem) -> StageSolver:
     scale = 1.0 / (problem.lam + problem.delta)
 
     def solve(g):
-        return curv.owner.solve_damped(g, scale), {}
+        return curv.solve_damped(g, scale), {}
 
     return StageSolver("fisher", solve, lambda: 0, curv.release)
 
@@ -392,8 +322,9 @@ def authors(problem: Problem) -> StageSolver:
     a = damped_matvec(hvp, problem.lam, problem.delta)
 
     def solve(g):
+        # The authors' CG steps on through p^T A p <= 0.
         x, info = layerwise_conjugate_gradient(
-            a, g, max_iter=5, tol=0.0, **continue_through_negative_curvature()
+            a, g, max_iter=5, tol=0.0, on_negative_curvature="continue"
         )
         return x, _info(info)
 
@@ -485,14 +416,7 @@ def measure_estimators(problem: Problem, names: list[str], repeats: int, clock, 
     memory = PeakMemory(problem.params[0].device)
     runs: dict = {}
     for name in names:
-        try:
-            tries = [
-                run_stage_solves(problem, ESTIMATORS[name], memory, clock) for _ in range(repeats)
-            ]
-        except MissingAPI as e:
-            runs[name] = {"missing": str(e)}
-            log(f"  {name:<38} MISSING: {e}")
-            continue
+        tries = [run_stage_solves(problem, ESTIMATORS[name], memory, clock) for _ in range(repeats)]
         best = tries[-1]
         best["times_s"] = [round(t["seconds"], 4) for t in tries]
         best["seconds"] = statistics.median(t["seconds"] for t in tries)
@@ -528,24 +452,16 @@ def converged_solutions(problem: Problem, curv: Curvature, iters: int) -> dict:
     return {"xs": xs, "true_rel_residual": residuals, "iterations": iterations, "matvec": a}
 
 
-def extreme_eigenvalues(curv: Curvature, problem: Problem, steps: int) -> dict | str:
-    fn = bilevel_api("lanczos_extremes")
-    if fn is None:
-        return "missing: lanczos_extremes"
-    out = fn(curv.matvec, problem.gs[0], steps)
-    low, high = (out[0], out[1]) if isinstance(out, tuple) else (out.min, out.max)
-    return {"min": float(low), "max": float(high), "steps": steps}
+def extreme_eigenvalues(curv: Curvature, problem: Problem, steps: int) -> dict:
+    low, high, _ = lanczos_extremes(curv.matvec, problem.gs[0], steps)
+    return {"min": low, "max": high, "steps": steps}
 
 
 def accuracy(problem: Problem, runs: dict, args: argparse.Namespace, log) -> dict:
     """Cosines to each system's converged solution and to the GGN one; true residuals."""
     refs, eig = {}, {}
     for system in args.reference_systems.split(","):
-        try:
-            curv = build_curvature(problem, system)
-        except MissingAPI as e:
-            log(f"  reference {system}: MISSING {e}")
-            continue
+        curv = build_curvature(problem, system)
         iters = args.reference_iters if system != "fisher" else 200
         refs[system] = converged_solutions(problem, curv, iters)
         if system != "fisher":
@@ -565,7 +481,7 @@ def accuracy(problem: Problem, runs: dict, args: argparse.Namespace, log) -> dic
                 ]
         curv.release()
     for run in runs.values():
-        if not isinstance(run, dict) or "xs" not in run:
+        if not isinstance(run, dict):  # "_memory_method"
             continue
         for system, key in (
             (run["system"], "cos_to_converged"),
@@ -595,9 +511,6 @@ def summarise(runs: dict) -> dict:
     table = {}
     for name, run in runs.items():
         if name.startswith("_"):
-            continue
-        if "missing" in run:
-            table[name] = {"missing": run["missing"]}
             continue
         row = {
             "system": run["system"],
@@ -642,7 +555,7 @@ def recommend(table: dict) -> dict:
     (rank-20) system trivially; it is recommended only if no Hessian/GGN estimator meets it.
     Without any: the most accurate one within the time goal.
     """
-    rows = {n: r for n, r in table.items() if "missing" not in r and "cos_to_converged" in r}
+    rows = {n: r for n, r in table.items() if "cos_to_converged" in r}
     meeting = sorted((n for n, r in rows.items() if r["meets_goal"]),
                      key=lambda n: rows[n]["stage_time_over_authors"])  # fmt: skip
     from_batch = [n for n in meeting if rows[n]["system"] in ("hessian", "ggn")]
@@ -676,12 +589,6 @@ STAGE_COMMON = {"MAX_ITER": 5, "TOL": 0.0, "TRUE_RESIDUAL": False, "EIGEN_STEPS"
 
 def configure_trainer(bench: bb.Bench, name: str, n_l: int, n_u: int, history: list) -> None:
     """BISSL.HYPERGRAD for ``name`` and the stage length; a fresh per-run Hypergradient."""
-    try:
-        from bissl_det.engine.hypergrad import Hypergradient
-    except ImportError:
-        Hypergradient = None  # noqa: N806
-    if Hypergradient is None or not hasattr(bench.trainer, "stage_system"):
-        raise MissingAPI("BilevelTrainer.stage_system / engine.hypergrad.Hypergradient")
     cfg = bench.trainer.cfg
     cfg.defrost()
     cfg.BISSL.LOWER_STEPS, cfg.BISSL.UPPER_STEPS = n_l, n_u
@@ -712,15 +619,9 @@ def measure_stages(problem: Problem, names: list[str], args, log) -> dict:
         n_l, n_u = (int(s) for s in steps.split("x"))
         plain = n_l * plain_pretext["median_s"] + n_u * plain_down["median_s"]
         for name in names:
-            try:
-                configure_trainer(bench, name, n_l, n_u, problem.history)
-                with EventStorage(0) as bench.trainer.storage:
-                    timing = bb.measure(
-                        bench.trainer.run_step, device, args.stage_repeats, 0, clock
-                    )
-            except MissingAPI as e:
-                out[f"{name} @ {steps}"] = {"missing": str(e)}
-                continue
+            configure_trainer(bench, name, n_l, n_u, problem.history)
+            with EventStorage(0) as bench.trainer.storage:
+                timing = bb.measure(bench.trainer.run_step, device, args.stage_repeats, 0, clock)
             ratio = timing["median_s"] / plain
             out[f"{name} @ {steps}"] = {
                 "estimator": name,
@@ -759,9 +660,6 @@ def markdown_table(table: dict) -> str:
     )
     lines = [head, "|" + "---|" * 10]
     for name, r in table.items():
-        if "missing" in r:
-            lines.append(f"| {name} | missing: {r['missing']} |" + " |" * 8)
-            continue
         cos = r.get("cos_to_converged")
         cos_s = "-" if cos is None else f"{cos:.4f} ({r['cos_to_converged_min']:.4f})"
         if cos is not None and not r.get("reference_converged"):
@@ -781,7 +679,7 @@ def stage_table(stages: dict) -> str:
         "|---|---|---|---|",
     ]
     for key, s in stages.items():
-        if key.startswith("_") or "missing" in s:
+        if key.startswith("_"):
             continue
         goal = "met" if s["meets_goal_2_5x"] else "missed"
         ratio = s["stage_over_plain_steps"]

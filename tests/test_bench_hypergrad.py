@@ -38,23 +38,15 @@ def test_tiny_benchmark_figures_are_consistent(demo_workdir, tmp_path, monkeypat
     authors, fisher, first = table[TINY[0]], table["fisher+woodbury20"], table["first_order"]
     # 2 right-hand sides x 5 iterations, each product recomputing the forward.
     assert authors["products_per_stage"] == 10
-    assert authors["stage_time_over_authors"] == pytest.approx(1.0)
     assert table["hessian+cg5"]["products_per_stage"] == 10
     assert table["ggn+lanczos5"]["products_per_stage"] == 5  # one basis for both g's
     assert fisher["products_per_stage"] == first["products_per_stage"] == 0
     # Woodbury is exact: CG on the same (small-rank) Fisher system must agree with it.
     assert fisher["cos_to_converged"] == pytest.approx(1.0, abs=1e-4)
-    assert first["cos_to_g"] == pytest.approx(1.0, abs=1e-6)
-    for row in table.values():
-        for key in ("cos_to_ggn_converged", "cos_to_hessian_converged"):
-            assert -1.0 - 1e-6 <= row[key] <= 1.0 + 1e-6
-    hessian_eigs = results["models"]["det"]["eigenvalues"]["hessian"]
-    assert hessian_eigs["min"] <= hessian_eigs["max"]
     ggn_eigs = results["models"]["det"]["eigenvalues"]["ggn"]
     assert ggn_eigs["min"] >= -1e-3 * abs(ggn_eigs["max"])  # PSD up to rounding
     stage = results["models"]["det"]["stages"]["hessian+cg5 @ 1x1"]
     assert stage["stage_over_plain_steps"] > 1.0  # a bilevel stage costs more than plain steps
-    assert results["recommended"]["estimator"] in table
 
 
 def test_peak_memory_sees_an_allocation():
