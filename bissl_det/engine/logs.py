@@ -20,6 +20,8 @@ from detectron2.utils.collect_env import collect_env_info
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint.io import atomic_write_text
+
 LOGGERS = ("fvcore", "detectron2", "bissl_det")
 
 logger = logging.getLogger(__name__)
@@ -49,9 +51,9 @@ def setup_run_logging(cfg: CfgNode, args) -> None:
     if config_file:
         logger.info("Contents of %s:\n%s", config_file, Path(config_file).read_text())
     if comm.is_main_process():
-        path = Path(cfg.OUTPUT_DIR) / "config.yaml"
-        path.write_text(cfg.dump())
-        logger.info("Full config saved to %s:\n%s", path, cfg.dump())
+        path, dump = Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump()
+        atomic_write_text(dump, path)
+        logger.info("Full config saved to %s:\n%s", path, dump)
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK

@@ -30,8 +30,8 @@ from typing import IO
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
-# Temporary files of interrupted atomic writes: ``.NAME.tmpPID`` (engine/checkpointer.py),
-# ``.last_checkpoint.tmp`` and ``.NAME.RANDOM.tmp`` (checkpoint/io.py).
+# Temporary files of interrupted atomic writes: ``.NAME.RANDOM.tmp`` (checkpoint/io.py, the one
+# writer now); ``.NAME.tmpPID`` and ``.last_checkpoint.tmp``, left by earlier versions.
 TEMP_FILE = re.compile(r"^\..+\.tmp\w*$")
 
 
@@ -45,10 +45,6 @@ class RunLock:
     def __init__(self, output_dir: Path, file: IO[str]):
         self.output_dir = output_dir
         self._file = file
-
-    @property
-    def path(self) -> Path:
-        return self.output_dir / LOCK_NAME
 
     def release(self) -> None:
         """Unlock now (a process that ends releases it anyway) and clear the holder's details."""

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.io import atomic_write_text
 from ..data.images import IMAGE_EXTENSIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -186,8 +187,5 @@ def write_results(
         "units": units if isinstance(units, str) else dict(units),
         "provenance": provenance(cfg, start_time=start_time, config_file=config_file),
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
+    atomic_write_text(json.dumps(record, indent=2) + "\n", path)  # never half a file
     return record
