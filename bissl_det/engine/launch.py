@@ -71,7 +71,8 @@ def launch(
     pending: list[int] = []
 
     def forward(signum, frame) -> None:
-        pending.append(signum)
+        if not workers:  # still starting: replayed once they exist
+            pending.append(signum)
         for process in workers:
             if process.is_alive():
                 os.kill(process.pid, signum)
