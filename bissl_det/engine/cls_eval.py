@@ -21,29 +21,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from ..checkpoint.io import atomic_write_text
+from ..utils.stats import summarise
 from .cls_data import load_test_protocol_data, training_iters
 from .cls_trainer import read_classifier_backbone, train_classifier
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "cls_results.json"
-
-
-def summarise(per_seed: Sequence[dict[str, float]]) -> tuple[dict, dict]:
-    """Mean and sample standard deviation (ddof 1; 0 for one seed) of every metric."""
-    keys = per_seed[0].keys()
-    values = {k: np.array([m[k] for m in per_seed], dtype=np.float64) for k in keys}
-    mean = {k: float(v.mean()) for k, v in values.items()}
-    std = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
-    return mean, std
 
 
 def run_cls_eval(cfg: CfgNode, seeds: int = 1, linear_probe: bool = False) -> dict:
@@ -86,7 +76,9 @@ def run_cls_eval(cfg: CfgNode, seeds: int = 1, linear_probe: bool = False) -> di
         )
         per_seed.append({"seed": seed, "metrics": metrics})
     results["per_seed"] = per_seed
-    results["mean"], results["std"] = summarise([r["metrics"] for r in per_seed])
+    stats = summarise([r["metrics"] for r in per_seed])  # sample std (ddof 1), 0 for one seed
+    for field in ("mean", "std"):  # metric order as the evaluation reports it
+        results[field] = {k: stats[k][field] for k in per_seed[0]["metrics"]}
     out = Path(cfg.OUTPUT_DIR) / RESULTS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(results, indent=2), out)

@@ -1,8 +1,10 @@
 """Seed statistics: metrics of results.json files, mean and std, Welch's difference interval.
 
-The Student-t quantile is scipy's when scipy is installed; otherwise :func:`student_t_quantile`
-inverts the t CDF, written through the regularised incomplete beta function (a continued
-fraction evaluated with the modified Lentz method), by bisection. Both agree to 1e-9.
+The Student-t quantile (:func:`student_t_quantile`) inverts the t CDF, written through the
+regularised incomplete beta function (a continued fraction evaluated with the modified Lentz
+method), by bisection. Against the closed forms for 1, 2 and 4 degrees of freedom its relative
+error is below 3e-10 for p in (0.5, 0.9995); tests/tools/test_compare_runs.py checks it against
+those and a printed t table.
 """
 
 from __future__ import annotations
@@ -110,15 +112,6 @@ def student_t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def t_quantile(p: float, df: float) -> float:
-    """scipy's Student-t quantile when installed, else :func:`student_t_quantile`."""
-    try:
-        from scipy.stats import t as scipy_t
-    except ImportError:
-        return student_t_quantile(p, df)
-    return float(scipy_t.ppf(p, df))
-
-
 @dataclass(frozen=True)
 class Difference:
     """treatment - baseline with Welch's interval; ``resolved``: the interval excludes 0."""
@@ -153,5 +146,5 @@ def welch_difference(
     if se == 0:  # no spread at all: the interval is the point
         return Difference(diff, 0.0, math.inf, 0.0, diff, diff, confidence)
     df = (vb + vt) ** 2 / (vb * vb / (nb - 1) + vt * vt / (nt - 1))
-    t_crit = t_quantile(0.5 + confidence / 2.0, df)
+    t_crit = student_t_quantile(0.5 + confidence / 2.0, df)
     return Difference(diff, se, df, t_crit, diff - t_crit * se, diff + t_crit * se, confidence)
