@@ -35,11 +35,11 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from ..engine.signals import EXIT_INTERRUPTED
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Tools with detectron2's launch flags (--num-gpus ... --dist-url) and --resume.
 DISTRIBUTED_TOOLS = ("train_bissl", "finetune_det", "pretrain_ssl")
-RESUMABLE_TOOLS = (*DISTRIBUTED_TOOLS, "eval_cls")
-EXIT_INTERRUPTED = 75  # bissl_det.engine.signals.EXIT_INTERRUPTED (not imported: no detectron2)
 STOP_SIGNAL = signal.SIGUSR1  # the tools' "stop at the next step" signal
 RESERVED_FLAGS = ("--num-gpus", "--num-machines", "--machine-rank", "--dist-url")
 
@@ -137,7 +137,7 @@ class ToolJob:
     def resumed(self) -> ToolJob:
         """The same job, continuing from the tool's last checkpoint."""
         args = self.tool_args
-        if self.tool in RESUMABLE_TOOLS and "--resume" not in args:
+        if self.tool in DISTRIBUTED_TOOLS and "--resume" not in args:
             args = ["--resume", *args]  # before the KEY VALUE overrides
         return ToolJob(
             self.tool, args, self.gpus_per_node, self.workdir, self.port, self.stop_grace_s
