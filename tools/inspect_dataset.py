@@ -46,17 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def format_value(value) -> str:
     """A config value as one shell word that yacs' merge_from_list reads back unchanged."""
     if isinstance(value, (list, tuple)):
-        text = repr(_plain(value))
+        text = repr(value)
         return shlex.quote(text.replace("'", '"'))
     return shlex.quote(str(value))
-
-
-def _plain(value):
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _describe(stats: dict) -> str:
@@ -122,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         "suggestions": [
             {
                 "key": s.key,
-                "value": _plain(s.value),
-                "current": _plain(s.current),
+                "value": s.value,
+                "current": s.current,
                 "changes": s.changes,
                 "reason": s.reason,
             }

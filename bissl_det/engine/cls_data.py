@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -120,7 +121,6 @@ class ClassificationData:
     train_set: Dataset
     eval_set: Dataset
     eval_name: str
-    classes: list[str]
 
 
 def load_test_protocol_data(cfg: CfgNode) -> ClassificationData:
@@ -133,7 +133,7 @@ def load_test_protocol_data(cfg: CfgNode) -> ClassificationData:
             f"CLS.TEST_ROOT classes {test_set.classes} differ from CLS.TRAIN_ROOT classes "
             f"{train_set.classes}"
         )
-    return ClassificationData(train_set, test_set, "test", list(train_set.classes))
+    return ClassificationData(train_set, test_set, "test")
 
 
 def load_search_data(cfg: CfgNode) -> ClassificationData:
@@ -144,7 +144,6 @@ def load_search_data(cfg: CfgNode) -> ClassificationData:
     train_idx, val_idx = validation_split(
         dataset_targets(train_full), cfg.CLS.SEARCH.VAL_FRACTION, max(cfg.SEED, 0)
     )
-    val_set = Subset(eval_view(cfg, classification_dataset(cfg, train=True)), val_idx)
-    return ClassificationData(
-        Subset(train_full, train_idx), val_set, "val", list(train_full.classes)
-    )
+    # A shallow copy shares the file list; only its own transform attribute is replaced.
+    val_set = Subset(eval_view(cfg, copy.copy(train_full)), val_idx)
+    return ClassificationData(Subset(train_full, train_idx), val_set, "val")

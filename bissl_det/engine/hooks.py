@@ -9,10 +9,9 @@ from pathlib import Path
 from detectron2.engine import HookBase
 from detectron2.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 
-# Plotting lives in utils.plots; re-exported here, where the hooks' users found it before.
-from ..utils.plots import plot_metrics, read_metrics
+from ..utils.plots import plot_metrics
 
-__all__ = ["ExportBackbone", "PlotMetrics", "build_writers", "plot_metrics", "read_metrics"]
+__all__ = ["ExportBackbone", "PlotMetrics", "build_writers"]
 
 logger = logging.getLogger(__name__)
 

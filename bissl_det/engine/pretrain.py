@@ -85,8 +85,6 @@ class PretrainTrainer(FaultChecks, TrainerBase):
             raise ValueError(
                 f"PRETRAIN.EMA_SCHEDULE = {pre.EMA_SCHEDULE!r}: use one of {EMA_SCHEDULES}"
             )
-        if pre.ITERS <= 0:
-            raise ValueError(f"PRETRAIN.ITERS = {pre.ITERS}: must be > 0")
         self.cfg = cfg
         self.model = build_pretrain_model(cfg) if model is None else model
         broadcast_module_(self.model)

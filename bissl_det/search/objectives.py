@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from detectron2.config import CfgNode
@@ -34,7 +34,6 @@ class SearchTask:
     name: str
     metric: str
     ranges: dict[str, tuple[float, float]]
-    range_keys: dict[str, str] = field(default_factory=dict)  # searched key -> its range key
 
 
 def _lookup(cfg: CfgNode, key: str):
@@ -67,7 +66,7 @@ def search_task(cfg: CfgNode) -> SearchTask:
         if len(bounds) != 2 or not 0.0 < bounds[0] < bounds[1]:
             raise ValueError(f"{range_key} = {bounds}: need (low, high) with 0 < low < high")
         ranges[param] = bounds
-    return SearchTask(name, metric, ranges, keys)
+    return SearchTask(name, metric, ranges)
 
 
 def with_params(cfg: CfgNode, params: dict[str, float], output_dir: str | Path) -> CfgNode:

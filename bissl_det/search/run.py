@@ -29,6 +29,7 @@ from .report import write_search_report
 from .study import (
     build_sampler,
     check_study_identity,
+    counted_trials,
     fail_stale_trials,
     log_uniform_space,
     open_study,
@@ -172,7 +173,7 @@ def run_search(cfg: CfgNode, options: SearchOptions) -> dict:
         "study %r in %s: %d of %d trials counted; %d worker(s)",
         options.study_name,
         storage,
-        sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials),
+        len(counted_trials(study)),
         options.trials,
         options.workers,
     )
