@@ -18,16 +18,10 @@ from .backbone import (
 from .convert import (
     FORMATS,
     ConversionResult,
-    check_complete,
     convert_to_detectron2,
     detect_format,
     detectron2_backbone_name,
-    detectron2_to_torchvision,
     extract_state_dict,
-    is_head_key,
-    resnet50_detectron2_keys,
-    resnet_detectron2_keys,
-    torchvision_to_detectron2,
 )
 from .io import (
     CheckpointFileError,
@@ -36,6 +30,14 @@ from .io import (
     atomic_write_text,
     load_checkpoint_file,
     save_backbone_checkpoint,
+)
+from .keys import (
+    check_complete,
+    detectron2_to_torchvision,
+    is_head_key,
+    resnet50_detectron2_keys,
+    resnet_detectron2_keys,
+    torchvision_to_detectron2,
 )
 from .pairing import BackbonePairs, pair_by_suffix
 from .pretext import (

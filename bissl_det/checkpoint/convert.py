@@ -17,31 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .keys import (
-    _lightly_key_to_tv,
-    _tv_key_to_d2,
-    check_complete,
-    detectron2_to_torchvision,
-    is_bare_detectron2_key,
-    is_head_key,
-    resnet50_detectron2_keys,
-    resnet_detectron2_keys,
-    torchvision_to_detectron2,
-)
+from .keys import _lightly_key_to_tv, _tv_key_to_d2, is_bare_detectron2_key, is_head_key
 
 __all__ = [
     "FORMATS",
     "ConversionResult",
-    "check_complete",
     "convert_to_detectron2",
     "detect_format",
     "detectron2_backbone_name",
-    "detectron2_to_torchvision",
     "extract_state_dict",
-    "is_head_key",
-    "resnet50_detectron2_keys",
-    "resnet_detectron2_keys",
-    "torchvision_to_detectron2",
 ]
 
 #: Source formats :func:`convert_to_detectron2` understands (plus "auto").
@@ -263,7 +247,7 @@ def convert_to_detectron2(
     Heads (classifier ``fc``/``head.fc``, projectors, predictors, momentum/target encoders, MoCo
     queues, detector heads) are dropped explicitly and listed in ``dropped_heads``; any other
     key that is not converted is listed in ``unconverted``. Completeness is not checked here: call
-    :func:`check_complete` on ``result.model``.
+    :func:`.keys.check_complete` on ``result.model``.
 
     Args:
         checkpoint: The loaded checkpoint: a state dict or a dict holding one (see

@@ -23,25 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
-from ..checkpoint import (
-    CheckpointFileError,
-    atomic_save,
-    atomic_write_text,
-    export_backbone,
-    load_checkpoint_file,
-    load_pretext_checkpoint,
-    lower_state_without_backbone,
-)
-
-# Re-exported: these moved to bissl_det.checkpoint; existing imports keep working.
-__all__ = [
-    "AtomicCheckpointer",
-    "TrainingProgress",
-    "UnusableCheckpointError",
-    "export_backbone",
-    "load_pretext_checkpoint",
-    "lower_state_without_backbone",
-]
+from ..checkpoint import CheckpointFileError, atomic_save, atomic_write_text, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 

@@ -26,18 +26,14 @@ from detectron2.utils import comm
 from torch import nn
 
 from ..bilevel import IndefiniteSystemError, NonFiniteError, tuple_norm
+from ..checkpoint import export_backbone, load_pretext_checkpoint
 from ..data.build import build_downstream_train_loader, build_pretext_loader
 from ..evaluation.evaluate import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, all_reduce_mean
 from ..utils.plots import BISSL_PLOTS
-from .checkpointer import (
-    AtomicCheckpointer,
-    TrainingProgress,
-    export_backbone,
-    load_pretext_checkpoint,
-)
+from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, build_writers
 from .hypergrad import Hypergradient, LogHypergradient, StageSystem

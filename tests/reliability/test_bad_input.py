@@ -249,7 +249,7 @@ def tiny_model(in_demo_workdir, tmp_path):
 
 
 def test_checkpoint_with_other_keys_lists_them(tiny_model, tmp_path):
-    from bissl_det.engine.checkpointer import load_pretext_checkpoint
+    from bissl_det.checkpoint import load_pretext_checkpoint
 
     sd = dict(tiny_model.lower_backbone.state_dict())
     del sd["res4.0.conv1.weight"]
@@ -265,7 +265,7 @@ def test_checkpoint_with_other_keys_lists_them(tiny_model, tmp_path):
 
 
 def test_checkpoint_of_a_wider_backbone_lists_shapes(in_demo_workdir, tiny_model, tmp_path):
-    from bissl_det.engine.checkpointer import load_pretext_checkpoint
+    from bissl_det.checkpoint import load_pretext_checkpoint
 
     from detectron2.modeling import build_model
 
@@ -281,7 +281,7 @@ def test_checkpoint_of_a_wider_backbone_lists_shapes(in_demo_workdir, tiny_model
 
 
 def test_pickled_checkpoint_is_refused_by_default(tiny_model, tmp_path):
-    from bissl_det.engine.checkpointer import load_pretext_checkpoint
+    from bissl_det.checkpoint import load_pretext_checkpoint
 
     path = tmp_path / "lightning_style.ckpt"
     sd = tiny_model.lower_backbone.state_dict()

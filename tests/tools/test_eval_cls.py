@@ -10,8 +10,7 @@ import statistics
 from pathlib import Path
 
 import bissl_det.engine.cls_trainer as cls_trainer
-from bissl_det.checkpoint import save_backbone_checkpoint
-from bissl_det.engine.checkpointer import export_backbone
+from bissl_det.checkpoint import export_backbone, save_backbone_checkpoint
 from bissl_det.engine.cls_data import load_test_protocol_data, validation_split
 from bissl_det.engine.cls_eval import run_cls_eval
 from bissl_det.engine.cls_trainer import ClassifierTrainer, read_classifier_backbone
