@@ -104,8 +104,14 @@ def _shape_mask(
     cls: str, size: int, center: tuple[float, float], side: float, angle: float
 ) -> np.ndarray:
     """Binary uint8 mask of one shape. ``side`` is its nominal extent in pixels."""
+    return _fill_shape(size, center, side, _shape_polygons(cls, center, side, angle))
+
+
+def _fill_shape(
+    size: int, center: tuple[float, float], side: float, polys: list[np.ndarray] | None
+) -> np.ndarray:
+    """Binary uint8 mask of the polygons ``polys`` (None: the circle of diameter ``side``)."""
     mask = np.zeros((size, size), dtype=np.uint8)
-    polys = _shape_polygons(cls, center, side, angle)
     if polys is None:
         cx, cy = center
         cv2.circle(mask, (round(cx), round(cy)), max(1, round(side / 2.0)), 1, -1, cv2.LINE_8)
@@ -167,13 +173,13 @@ def _detection_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, l
             margin = side * 0.75 + 1
             center = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
             angle = float(rng.uniform(-25, 25))
-            mask = _shape_mask(cls, size, center, side, angle)
+            polys = _shape_polygons(cls, center, side, angle)
+            mask = _fill_shape(size, center, side, polys)
             if not mask.any():
                 continue
             box = _mask_box(mask)
             if all(not _boxes_overlap(box, other) for _, other, _ in objects):
                 _paint(image, mask, rng)
-                polys = _shape_polygons(cls, center, side, angle)
                 objects.append((cls, box, _segmentation(mask, polys)))
                 break
     return _finish(image, rng), objects
@@ -226,8 +232,9 @@ def _split_counts(total: int, weights: tuple[int, ...]) -> list[int]:
 
 def _write_voc(
     out: Path, rng: np.random.Generator, num_trainval: int, num_test: int, size: int
-) -> tuple[dict, dict[str, list[Object]]]:
-    """Write the VOC folder; return its description and each image's objects."""
+) -> tuple[dict, dict[str, list[str]], dict[str, list[Object]]]:
+    """Write the VOC folder; return its description, its splits' image ids and each image's
+    objects."""
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     ids = [f"{i:06d}" for i in range(num_trainval + num_test)]
@@ -260,7 +267,7 @@ def _write_voc(
         "instances": instances,
         "difficult_instances": int(difficult),
     }
-    return info, objects_by_id
+    return info, splits, objects_by_id
 
 
 def _coco_split(ids: list[str], objects_by_id: dict[str, list[Object]], size: int) -> dict:
@@ -292,14 +299,15 @@ def _coco_split(ids: list[str], objects_by_id: dict[str, list[Object]], size: in
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def _write_coco(out: Path, voc_root: Path, objects_by_id: dict[str, list[Object]], size: int):
+def _write_coco(
+    out: Path, splits: dict[str, list[str]], objects_by_id: dict[str, list[Object]], size: int
+):
     """``<out>/instances_{trainval,test}.json``: the VOC splits with instance masks."""
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for split in ("trainval", "test"):
-        ids = (voc_root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
         path = out / f"instances_{split}.json"
-        path.write_text(json.dumps(_coco_split(ids, objects_by_id, size)) + "\n")
+        path.write_text(json.dumps(_coco_split(splits[split], objects_by_id, size)) + "\n")
         files[split] = f"{out.name}/{path.name}"
     return {
         "root": out.name,
@@ -382,7 +390,7 @@ def make_demo_data(
     # Independent streams, so changing the detection counts leaves the classification set alone.
     det_seq, cls_seq = np.random.SeedSequence(seed).spawn(2)
     det_rng = np.random.default_rng(det_seq)
-    voc_info, objects_by_id = _write_voc(voc_dir, det_rng, num_train, num_test, image_size)
+    voc_info, splits, objects_by_id = _write_voc(voc_dir, det_rng, num_train, num_test, image_size)
     info = {
         "description": "SYNTHETIC demo data (coloured shapes on textured noise), not real images",
         "generator": "datasets/make_demo_data.py",
@@ -394,7 +402,7 @@ def make_demo_data(
             "image_size": [image_size, image_size],
             "difficult_rule": f"max box side < {DIFFICULT_MAX_SIDE} px",
         },
-        "instance_masks": _write_coco(coco_dir, voc_dir, objects_by_id, image_size),
+        "instance_masks": _write_coco(coco_dir, splits, objects_by_id, image_size),
         "classification": {
             **_write_cls(
                 cls_dir, np.random.default_rng(cls_seq), num_cls_train, num_cls_test, cls_image_size

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog
 from torch.utils.data import DataLoader
 
+from .catalog import dataset_dicts
 from .common import normalisation, per_process_batch
 from .pretext import (
     InfiniteSampler,
@@ -24,31 +24,17 @@ from .pretext import (
     UnlabeledImages,
     find_images,
 )
-from .tasks import (
-    classification_dataset,
-    classification_test_loader,
-    collate_classification,
-    downstream_task,
-)
+from .tasks import downstream_task
 
 __all__ = [
-    "build_classification_test_loader",
-    "build_detection_test_loaders",
     "build_downstream_train_loader",
     "build_pretext_loader",
     "check_num_classes",
-    "collate_classification",
     "downstream_train_size",
-    "normalisation",
-    "per_process_batch",
     "pretext_image_paths",
 ]
 
 logger = logging.getLogger(__name__)
-
-# Former names, kept for callers outside data/.
-_classification_dataset = classification_dataset
-build_classification_test_loader = classification_test_loader
 
 
 def check_num_classes(cfg: CfgNode) -> int | None:
@@ -73,7 +59,7 @@ def pretext_image_paths(cfg: CfgNode) -> list[Path]:
     for root in data.IMAGE_ROOTS:
         paths.extend(find_images(root))
     for name in data.DATASETS:
-        paths.extend(Path(record["file_name"]) for record in DatasetCatalog.get(name))
+        paths.extend(Path(record["file_name"]) for record in dataset_dicts(name))
     if not paths:
         raise ValueError(
             "BISSL.PRETEXT_DATA: no pretext images - set IMAGE_ROOTS (folders) or DATASETS "
@@ -130,8 +116,3 @@ def build_downstream_train_loader(
 def downstream_train_size(cfg: CfgNode) -> int:
     """Number of downstream training samples (head warm-up epochs -> iterations)."""
     return downstream_task(cfg).train_size(cfg)
-
-
-def build_detection_test_loaders(cfg: CfgNode) -> dict:
-    """{test set name: loader} of the config's downstream task."""
-    return downstream_task(cfg).build_test_loaders(cfg)

@@ -1,4 +1,5 @@
-"""Registering data sets in detectron2's catalogs: idempotent, and never half-done."""
+"""Registering data sets in detectron2's catalogs (idempotent, never half-done), and loading
+each registered set once per process (:func:`dataset_dicts`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,31 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .validation import DatasetValidationError
 
-__all__ = ["register_dataset"]
+__all__ = ["dataset_dicts", "register_dataset"]
 
 # name -> the (format, resolved arguments) it was registered with, for idempotent re-registration.
 _REGISTERED: dict[str, tuple] = {}
+# name -> (the loader function detectron2 holds for it, what that function returned).
+_LOADED: dict[str, tuple[Callable[[], list[dict]], list[dict]]] = {}
+
+
+def dataset_dicts(name: str) -> list[dict]:
+    """``DatasetCatalog.get(name)``, loaded once per process: every start-up check, loader and
+    record that needs a set's dicts shares one parse of its annotation file.
+
+    The list is shared: callers must not modify it or its records (detectron2's loaders
+    serialise them, the mappers deep-copy). A name registered anew (removed and registered
+    again, with another loader function) is loaded afresh.
+
+    Raises:
+        KeyError: ``name`` is not registered (detectron2's message lists the registered names).
+    """
+    if name not in DatasetCatalog:
+        return DatasetCatalog.get(name)  # raises, listing the registered names
+    load = DatasetCatalog[name]
+    if name not in _LOADED or _LOADED[name][0] is not load:
+        _LOADED[name] = (load, load())
+    return _LOADED[name][1]
 
 
 def _already_registered(name: str, spec: tuple) -> bool:
@@ -53,11 +75,13 @@ def register_dataset(
     """
     if _already_registered(name, spec):
         return False
+    _LOADED.pop(name, None)
     register()
     try:
         if validate is not None:
             validate()
     except BaseException:
+        _LOADED.pop(name, None)
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
         raise

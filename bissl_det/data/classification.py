@@ -27,7 +27,7 @@ from torchvision.datasets import ImageFolder
 
 from .images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, read_rgb
 from .validation import DatasetValidationError, resolve_path
-from .voc import check_voc_annotations, check_voc_dataset, check_voc_root, read_voc_split
+from .voc import check_voc_objects, check_voc_root
 
 __all__ = [
     "IGNORE_TARGET",
@@ -134,8 +134,9 @@ class VOC07MultiLabelDataset(Dataset):
         self.classes = list(class_names)
         self.transform = transform
         load = partial(load_voc_instances, self.root, split, self.classes)
-        records = check_voc_dataset(f"{self.root}:{split}", self.root, split, self.classes, load)
-        objects = check_voc_annotations(self.root, read_voc_split(self.root, split), self.classes)
+        records, objects = check_voc_objects(
+            f"{self.root}:{split}", self.root, split, self.classes, load
+        )
         self.image_files: list[str] = [r["file_name"] for r in records]
         rows = []
         for record in records:

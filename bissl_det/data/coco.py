@@ -15,13 +15,13 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import partial
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json, register_coco_instances
 
-from .catalog import register_dataset
+from .catalog import dataset_dicts, register_dataset
 from .validation import DatasetValidationError, check_dataset_dicts, raise_problems, resolve_path
 
 __all__ = [
@@ -106,14 +106,15 @@ def check_coco_json(json_file: str) -> dict:
     problems += _repeated(json_file, data["annotations"], "id", "annotation")
     problems += _repeated(json_file, data["categories"], "id", "category")
     images = {img["id"]: img for img in data["images"]}
-    category_ids = sorted(cat["id"] for cat in data["categories"])
+    category_ids = {cat["id"] for cat in data["categories"]}
     for i, ann in enumerate(data["annotations"]):
         where = f"{json_file}: annotations[{i}] (id {ann['id']})"
         if ann["image_id"] not in images:
             problems.append(f"{where}: unknown image_id {ann['image_id']!r}")
-        if ann["category_id"] not in category_ids:
+        category = ann["category_id"]
+        if not isinstance(category, Hashable) or category not in category_ids:
             problems.append(
-                f"{where}: category_id {ann['category_id']!r} is not in 'categories' {category_ids}"
+                f"{where}: category_id {category!r} is not in 'categories' {sorted(category_ids)}"
             )
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4):
@@ -127,10 +128,10 @@ def check_coco_json(json_file: str) -> dict:
     return data
 
 
-def check_coco_dataset(
-    name: str, json_file: str, load: Callable[[], list[dict]], num_classes: Callable[[], int]
-) -> list[dict]:
+def check_coco_dataset(name: str, json_file: str, load: Callable[[], list[dict]]) -> list[dict]:
     """JSON pre-check, then ``load()`` (detectron2's loader) and the validation pass.
+
+    The class count is ``name``'s ``thing_classes``, which ``load()`` sets.
 
     Returns:
         The loaded dicts.
@@ -145,7 +146,8 @@ def check_coco_dataset(
         file = os.path.basename(record["file_name"])
         return f"{json_file} (image id {record['image_id']!r}, {file!r})"
 
-    check_dataset_dicts(name, dicts, num_classes(), describe, box_tolerance=COCO_BOX_TOLERANCE)
+    num_classes = len(MetadataCatalog.get(name).thing_classes)
+    check_dataset_dicts(name, dicts, num_classes, describe, box_tolerance=COCO_BOX_TOLERANCE)
     return dicts
 
 
@@ -160,8 +162,7 @@ def validate_coco_json(json_file: str | os.PathLike, image_root: str | os.PathLi
     name = f"__validate__:{json_file}"  # load_coco_json maps category ids through metadata
     load = partial(load_coco_json, json_file, image_root, name)
     try:
-        num_classes = lambda: len(MetadataCatalog.get(name).thing_classes)  # noqa: E731
-        return len(check_coco_dataset(name, json_file, load, num_classes))
+        return len(check_coco_dataset(name, json_file, load))
     finally:
         if name in MetadataCatalog.list():
             MetadataCatalog.remove(name)
@@ -188,10 +189,7 @@ def register_coco_json(
     json_file = resolve_path(json_file, "COCO JSON file")
     image_root = resolve_path(image_root, "COCO image folder")
 
-    def check() -> None:
-        num_classes = lambda: len(MetadataCatalog.get(name).thing_classes)  # noqa: E731
-        check_coco_dataset(name, json_file, partial(DatasetCatalog.get, name), num_classes)
-
+    check = partial(check_coco_dataset, name, json_file, partial(dataset_dicts, name))
     return register_dataset(
         name,
         ("coco", json_file, image_root),

@@ -27,14 +27,10 @@ from functools import partial
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import CHECK_IMAGES_MODES, CUSTOM_DATASET_KEYS
+from .catalog import dataset_dicts
 from .coco import check_coco_dataset, register_coco_json, validate_coco_json
 from .tasks import downstream_task
-from .validation import (
-    DatasetValidationError,
-    check_dataset_dicts,
-    check_image_files,
-    resolve_path,
-)
+from .validation import DatasetValidationError, check_dataset_dicts, check_image_files
 from .voc import check_voc_dataset, register_voc_folder, validate_voc_folder
 
 __all__ = [
@@ -43,7 +39,6 @@ __all__ = [
     "register_coco_json",
     "register_from_config",
     "register_voc_folder",
-    "resolve_path",
     "validate_coco_json",
     "validate_dataset",
     "validate_voc_folder",
@@ -71,16 +66,12 @@ def validate_dataset(name: str, images: str = "header") -> int:
             f"dataset {name!r} is not registered: add it to DATASETS.CUSTOM or use a builtin name"
         )
     meta = MetadataCatalog.get(name)
-    load = partial(DatasetCatalog.get, name)
+    load = partial(dataset_dicts, name)
     kind = meta.get("evaluator_type", None)
     if kind == "pascal_voc":
         dicts = check_voc_dataset(name, meta.dirname, meta.split, meta.thing_classes, load)
     elif kind == "coco":
-
-        def num_classes() -> int:
-            return len(meta.thing_classes)
-
-        dicts = check_coco_dataset(name, meta.json_file, load, num_classes)
+        dicts = check_coco_dataset(name, meta.json_file, load)
     else:  # registered some other way: the format-free checks only
         dicts = load()
         num_classes = len(meta.get("thing_classes", [])) or 1 << 30

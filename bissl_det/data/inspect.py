@@ -52,9 +52,11 @@ def collect_split(name: str) -> SplitBoxes:
 
     Crowd annotations (``iscrowd`` 1) are left out, as Detectron2's training mapper does.
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import MetadataCatalog
 
-    dicts = DatasetCatalog.get(name)
+    from .catalog import dataset_dicts
+
+    dicts = dataset_dicts(name)
     hw, wh, image_index, classes = [], [], [], []
     for i, record in enumerate(dicts):
         hw.append((record["height"], record["width"]))

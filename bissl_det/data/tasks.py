@@ -22,12 +22,15 @@ from dataclasses import dataclass
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import (
-    DatasetCatalog,
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
-    get_detection_dataset_dicts,
 )
+from detectron2.data.build import (
+    filter_images_with_only_crowd_annotations,
+    print_instances_class_histogram,
+)
+from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.evaluation import inference_on_dataset
 from detectron2.utils import comm
 from torch import nn
@@ -35,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics, evaluate_classifier
 from .aspect_groups import build_grouped_train_loader
+from .catalog import dataset_dicts
 from .classification import ImageFolderDataset, VOC07MultiLabelDataset, classification_transforms
 from .common import normalisation, per_process_batch
 from .mapper import DetectionMapper
@@ -125,11 +129,29 @@ def downstream_task(cfg: CfgNode, required: bool = True) -> DownstreamTask | Non
 
 
 def _detection_train_dicts(cfg: CfgNode) -> list[dict]:
-    if not cfg.DATASETS.TRAIN:
+    """DATASETS.TRAIN's records as detectron2's ``get_detection_dataset_dicts`` selects them
+    (DATALOADER.FILTER_EMPTY_ANNOTATIONS: images with no non-crowd object left out), each set
+    loaded once per process (:func:`~.catalog.dataset_dicts`)."""
+    names = list(cfg.DATASETS.TRAIN)
+    if not names:
         raise ValueError("DATASETS.TRAIN is empty: name the detection training dataset(s)")
-    return get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    )
+    per_set = [dataset_dicts(name) for name in names]
+    empty = [name for name, dicts in zip(names, per_set, strict=True) if not dicts]
+    if empty:
+        raise ValueError(f"DATASETS.TRAIN: dataset(s) {empty} have no images")
+    dicts = [record for records in per_set for record in records]
+    if "annotations" in dicts[0]:
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            dicts = filter_images_with_only_crowd_annotations(dicts)
+        if all(hasattr(MetadataCatalog.get(name), "thing_classes") for name in names):
+            check_metadata_consistency("thing_classes", names)
+            print_instances_class_histogram(dicts, MetadataCatalog.get(names[0]).thing_classes)
+    if not dicts:
+        raise ValueError(
+            f"DATASETS.TRAIN {names}: no image has a non-crowd object "
+            "(DATALOADER.FILTER_EMPTY_ANNOTATIONS is set)"
+        )
+    return dicts
 
 
 def _detection_train_loader(cfg: CfgNode, total_batch: int, start_batches: int, seed: int):
@@ -174,7 +196,7 @@ def _detection_num_classes(cfg: CfgNode) -> int:
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         metadata = MetadataCatalog.get(name)
         if not hasattr(metadata, "thing_classes"):
-            DatasetCatalog.get(name)  # COCO JSON sets its classes when first loaded
+            dataset_dicts(name)  # COCO JSON sets its classes when first loaded
         classes = list(metadata.get("thing_classes", []))
         if classes and len(classes) != num_classes:
             raise ValueError(
@@ -190,7 +212,7 @@ def _detection_check_masks(cfg: CfgNode, mode: str) -> None:
     if not cfg.MODEL.MASK_ON:
         return
     for name in cfg.DATASETS.TRAIN:
-        for record in DatasetCatalog.get(name):
+        for record in dataset_dicts(name):
             for ann in record.get("annotations", []):
                 segm = ann.get("segmentation")
                 if not segm:

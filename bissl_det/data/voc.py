@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances, register_pascal_voc
 
-from .catalog import register_dataset
+from .catalog import dataset_dicts, register_dataset
 from .validation import DatasetValidationError, check_dataset_dicts, raise_problems, resolve_path
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "VocObject",
     "check_voc_annotations",
     "check_voc_dataset",
+    "check_voc_objects",
     "check_voc_root",
     "read_voc_split",
     "register_voc_folder",
@@ -185,6 +186,32 @@ def check_voc_root(root: str | os.PathLike, class_names: Sequence[str]) -> str:
     return root
 
 
+def check_voc_objects(
+    name: str,
+    root: str,
+    split: str,
+    class_names: Sequence[str],
+    load: Callable[[], list[dict]],
+) -> tuple[list[dict], dict[str, tuple[VocObject, ...]]]:
+    """Split and XML pre-checks, then ``load()`` (detectron2's loader) and the validation pass.
+
+    Returns:
+        The loaded dicts, and the pre-check's objects of every image id (what
+        :func:`check_voc_annotations` returns).
+
+    Raises:
+        DatasetValidationError: Naming the split file, annotation file, box or value.
+    """
+    objects = check_voc_annotations(root, read_voc_split(root, split), class_names)
+    dicts = load()
+
+    def describe(record: dict) -> str:
+        return os.path.join(root, "Annotations", f"{record['image_id']}.xml")
+
+    check_dataset_dicts(name, dicts, len(class_names), describe, voc=True)
+    return dicts, objects
+
+
 def check_voc_dataset(
     name: str,
     root: str,
@@ -192,22 +219,8 @@ def check_voc_dataset(
     class_names: Sequence[str],
     load: Callable[[], list[dict]],
 ) -> list[dict]:
-    """Split and XML pre-checks, then ``load()`` (detectron2's loader) and the validation pass.
-
-    Returns:
-        The loaded dicts.
-
-    Raises:
-        DatasetValidationError: Naming the split file, annotation file, box or value.
-    """
-    check_voc_annotations(root, read_voc_split(root, split), class_names)
-    dicts = load()
-
-    def describe(record: dict) -> str:
-        return os.path.join(root, "Annotations", f"{record['image_id']}.xml")
-
-    check_dataset_dicts(name, dicts, len(class_names), describe, voc=True)
-    return dicts
+    """:func:`check_voc_objects`, returning the loaded dicts only."""
+    return check_voc_objects(name, root, split, class_names, load)[0]
 
 
 def validate_voc_folder(root: str | os.PathLike, split: str, class_names: Sequence[str]) -> int:
@@ -260,9 +273,7 @@ def register_voc_folder(
         register_pascal_voc(name, root, split, year, classes)
         MetadataCatalog.get(name).evaluator_type = "pascal_voc"
 
-    def check() -> None:
-        check_voc_dataset(name, root, split, classes, partial(DatasetCatalog.get, name))
-
+    check = partial(check_voc_dataset, name, root, split, classes, partial(dataset_dicts, name))
     return register_dataset(
         name, ("voc", root, split, classes, year), register, check if validate else None
     )

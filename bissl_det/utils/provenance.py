@@ -95,14 +95,14 @@ def dataset_sizes(names) -> dict[str, int | str]:
     """Images per registered detectron2 data set; a set that fails to load gets its error text.
 
     Provenance is written at the end of a run: a data set that can no longer be read must not
-    throw the run's results away.
+    throw the run's results away. Sets loaded earlier in the process are not read again.
     """
-    from detectron2.data import DatasetCatalog
+    from ..data.catalog import dataset_dicts
 
     sizes: dict[str, int | str] = {}
     for name in names:
         try:
-            sizes[name] = len(DatasetCatalog.get(name))
+            sizes[name] = len(dataset_dicts(name))
         except Exception as e:  # noqa: BLE001 - recorded, see docstring
             sizes[name] = f"error: {type(e).__name__}: {e}"
     return sizes
@@ -125,9 +125,8 @@ def data_record(cfg) -> dict[str, Any]:
     }
     cls = cfg.get("CLS")
     if cls is not None and (cls.TRAIN_ROOT or cls.TEST_ROOT):
-        record["classification"] = {
-            root: count_images(root) for root in (cls.TRAIN_ROOT, cls.TEST_ROOT) if root
-        }
+        roots = dict.fromkeys(root for root in (cls.TRAIN_ROOT, cls.TEST_ROOT) if root)
+        record["classification"] = {root: count_images(root) for root in roots}  # each walked once
     pretext = cfg.get("BISSL", {}).get("PRETEXT_DATA")
     if pretext is not None:
         record["pretext"] = {
