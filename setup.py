@@ -16,7 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=("bissl_det", "bissl_det.*")),
-    # detectron2 is not on PyPI: tools/install_detectron2.py installs it (see README, Install).
+    # detectron2 is not on PyPI: tools/install_detectron2.py installs it (see docs/install.md).
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

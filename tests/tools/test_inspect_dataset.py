@@ -183,7 +183,7 @@ def test_range_sampling_and_max_size_cap():
     "template", ["own_voc_finetune.yaml", "own_coco_finetune.yaml", "own_bissl.yaml"]
 )
 def test_readme_templates_are_valid_configs(template):
-    """docs/templates (README "Your own data"): every key exists; the data sets are as shown."""
+    """docs/templates (docs/own_data.md): every key exists; the data sets are as shown."""
     cfg = load_config(str(REPO / "docs" / "templates" / template))
     names = [entry["NAME"] for entry in cfg.DATASETS.CUSTOM]
     assert list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) == names
