@@ -78,6 +78,11 @@ def add_bissl_config(cfg: CN) -> CN:
     _C.BISSL.UPPER_STEPS = 8
     # Proximity weight lambda in L_P(theta) + lambda/2 ||theta - phi||^2.
     _C.BISSL.LAMBDA = 1e-3
+    # How the lower level sees the upper one. "bilevel": BiSSL (the pull lambda/2 ||theta - phi||^2
+    # and the implicit gradient). "decoupled": the compute-matched control of a study: no pull
+    # (theta never depends on phi), no implicit gradient (x = 0), and the same pretext batches,
+    # lower steps and upper steps as the bilevel run of the same SEED.
+    _C.BISSL.COUPLING = "bilevel"
     # Weight of the upper loss on the upper backbone itself: L_D(theta*) + GAMMA * L_D(phi).
     _C.BISSL.GAMMA = 1.0
     # Save both levels (and export the lower backbone) every this many stages.
@@ -212,6 +217,9 @@ def add_cls_config(cfg: CN) -> CN:
     _C.CLS.CLASSES = []
     # Square input size of train crops and test center crops.
     _C.CLS.IMAGE_SIZE = 224
+    # RandomResizedCrop area range of the training crops (torchvision's default 0.08-1; small
+    # images such as 28-32 px digits or clothes lose their object below ~0.3).
+    _C.CLS.CROP_SCALE = (0.08, 1.0)
     _C.CLS.NUM_WORKERS = 4
     _C.CLS.SOLVER = CN()
     # Training length of tools/eval_cls.py; ITERS > 0 wins over EPOCHS (passes over TRAIN_ROOT).
@@ -236,6 +244,16 @@ def add_cls_config(cfg: CN) -> CN:
     _C.CLS.SEARCH.WD_RANGE = (1e-5, 1e-2)
     # Fraction of TRAIN_ROOT held out (per class for single-label sets) to score the trials.
     _C.CLS.SEARCH.VAL_FRACTION = 0.2
+    _C.CLS.PROBE = CN()
+    # tools/eval_cls.py --logistic-probe (the deterministic linear probe): L2 logistic regression
+    # by L-BFGS in float64 on frozen, un-augmented features. The L2 strength is the one of
+    # L2_GRID that scores best on VAL_FRACTION of CLS.TRAIN_ROOT (per class, seeded by SEED);
+    # the probe is then refitted on all of CLS.TRAIN_ROOT and scored on CLS.TEST_ROOT.
+    _C.CLS.PROBE.L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    _C.CLS.PROBE.VAL_FRACTION = 0.2
+    # L-BFGS iterations at most, and the stopping tolerance on max |gradient|.
+    _C.CLS.PROBE.MAX_ITER = 1000
+    _C.CLS.PROBE.TOL = 1e-8
     return cfg
 
 

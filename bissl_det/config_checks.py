@@ -191,6 +191,7 @@ POSITIVE = (
     "CLS.SOLVER.IMS_PER_BATCH",
     "CLS.SOLVER.TEST_IMS_PER_BATCH",
     "CLS.IMAGE_SIZE",
+    "CLS.PROBE.MAX_ITER",
     "BISSL.PRETEXT_DATA.AUG.CROP_SIZE",
     "MODEL.SIMCLR.TEMPERATURE",
 )
@@ -236,6 +237,8 @@ FRACTIONS = ("MODEL.BYOL.EMA_MOMENTUM", "BISSL.PRETEXT_DATA.MAX_BAD_FRACTION")
 # Pretext batches of the two tools that train a pretext task (BiSSL's lower level, pretraining).
 PRETEXT_BATCHES = ("BISSL.LOWER.IMS_PER_BATCH", "PRETRAIN.IMS_PER_BATCH")
 AMP_DTYPES = ("bfloat16", "float16")
+# BISSL.COUPLING values (bissl_det/config.py).
+COUPLINGS = ("bilevel", "decoupled")
 
 _MISSING = object()
 
@@ -281,8 +284,8 @@ def check_config_values(cfg: CfgNode, origins: ConfigOrigins) -> None:
                 refuse(key, requirement)
     if _get(cfg, "CLS.SOLVER.ITERS") == 0 and _get(cfg, "CLS.SOLVER.EPOCHS") == 0:
         refuse("CLS.SOLVER.EPOCHS", "with CLS.SOLVER.ITERS = 0 trains for zero steps")
-    if _get(cfg, "BISSL.LAMBDA") == 0 and _get(cfg, "BISSL.HYPERGRAD.DAMPING") == 0:
-        refuse("BISSL.HYPERGRAD.DAMPING", "with BISSL.LAMBDA = 0 makes the system 1/0 * H")
+    _check_lambda(cfg, refuse)
+    _check_classification(cfg, refuse)
     if str(_get(cfg, "MODEL.BISSL.PRETEXT")).lower() == "simclr":
         for key in PRETEXT_BATCHES:
             batch = _get(cfg, key)
@@ -299,6 +302,37 @@ def check_config_values(cfg: CfgNode, origins: ConfigOrigins) -> None:
         )
     if problems:
         raise ConfigError(_join(problems))
+
+
+def _check_lambda(cfg: CfgNode, refuse: Callable[[str, str], None]) -> None:
+    """lambda = 0 leaves theta independent of phi: the implicit gradient lambda (H + lambda)^-1 g
+    is 0 and the damped system cannot be formed. The decoupled control says so explicitly."""
+    coupling = _get(cfg, "BISSL.COUPLING")
+    if coupling is not _MISSING and coupling not in COUPLINGS:
+        refuse("BISSL.COUPLING", f"must be one of {COUPLINGS}")
+    elif _get(cfg, "BISSL.LAMBDA") == 0 and coupling != "decoupled":
+        refuse(
+            "BISSL.LAMBDA",
+            "cannot couple the levels (theta no longer depends on phi, the implicit-gradient "
+            "system has no solution): use LAMBDA > 0, or BISSL.COUPLING 'decoupled' for the "
+            "compute-matched control",
+        )
+
+
+def _check_classification(cfg: CfgNode, refuse: Callable[[str, str], None]) -> None:
+    scale = _get(cfg, "CLS.CROP_SCALE")
+    if scale is not _MISSING and not (
+        len(scale) == 2 and all(_is_number(v) for v in scale) and 0 < scale[0] <= scale[1] <= 1
+    ):
+        refuse("CLS.CROP_SCALE", "must be (lo, hi) with 0 < lo <= hi <= 1")
+    grid = _get(cfg, "CLS.PROBE.L2_GRID")
+    if grid is not _MISSING and not (
+        len(grid) > 0 and all(_is_number(v) and math.isfinite(v) and v > 0 for v in grid)
+    ):
+        refuse("CLS.PROBE.L2_GRID", "must be a non-empty list of finite numbers > 0")
+    fraction = _get(cfg, "CLS.PROBE.VAL_FRACTION")
+    if fraction is not _MISSING and not (_is_number(fraction) and 0 < fraction < 1):
+        refuse("CLS.PROBE.VAL_FRACTION", "must be in (0, 1)")
 
 
 def _join(problems: list[str]) -> str:

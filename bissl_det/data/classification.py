@@ -164,10 +164,12 @@ def classification_transforms(
     size: int = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    crop_scale: Sequence[float] = (0.08, 1.0),
 ) -> T.Compose:
     """Standard preprocessing to a normalised ``3 x size x size`` tensor.
 
-    Train: RandomResizedCrop(size) + horizontal flip. Test: Resize(size / 0.875) + CenterCrop(size).
+    Train: RandomResizedCrop(size, scale=crop_scale) + horizontal flip. Test:
+    Resize(size / 0.875) + CenterCrop(size).
     """
     if int(size) != size or size <= 0:
         raise ValueError(f"classification_transforms: size={size!r} must be a positive integer")
@@ -175,8 +177,13 @@ def classification_transforms(
         raise ValueError(
             f"classification_transforms: mean={mean}, std={std} need 3 values, std > 0"
         )
+    lo, hi = crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(
+            f"classification_transforms: crop_scale={tuple(crop_scale)} needs 0 < lo <= hi <= 1"
+        )
     if train:
-        geometry = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        geometry = [T.RandomResizedCrop(size, scale=(lo, hi)), T.RandomHorizontalFlip()]
     else:
         geometry = [T.Resize(round(size / TEST_CROP_FRACTION)), T.CenterCrop(size)]
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(list(mean), list(std))])

@@ -252,7 +252,9 @@ def classification_dataset(cfg: CfgNode, train: bool):
     key = "CLS.TRAIN_ROOT" if train else "CLS.TEST_ROOT"
     if not root:
         raise ValueError(f"{key} is empty: set it to the classification data folder")
-    transform = classification_transforms(train, cfg.CLS.IMAGE_SIZE, mean, std)
+    transform = classification_transforms(
+        train, cfg.CLS.IMAGE_SIZE, mean, std, crop_scale=cfg.CLS.CROP_SCALE
+    )
     classes = list(cfg.CLS.CLASSES) or None
     if cfg.CLS.FORMAT == "imagefolder":
         return ImageFolderDataset(root, transform, classes=classes)

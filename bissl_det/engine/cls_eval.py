@@ -10,6 +10,9 @@ Protocol (tools/eval_cls.py):
   random-resized-crop + flip. A linear probe freezes the backbone's weights AND its BN statistics;
   fine-tuning trains everything.
 * Evaluation on CLS.TEST_ROOT: top-1 and mean per-class accuracy, or VOC07 11-point mAP (percent).
+* Or the deterministic linear probe (``logistic_probe``, engine/cls_probe.py): L2 logistic
+  regression by L-BFGS on frozen, un-augmented features, its L2 chosen on a validation split of
+  CLS.TRAIN_ROOT; identical on rerun.
 * ``seeds`` runs (seeds SEED, SEED + 1, ...): per-seed numbers, mean and sample std (ddof 1);
   each run writes metrics.json, TensorBoard events and plots to OUTPUT_DIR/seed_<seed>/.
 
@@ -29,6 +32,7 @@ from detectron2.utils import comm
 from ..checkpoint.io import atomic_write_text
 from ..utils.stats import summarise
 from .cls_data import load_test_protocol_data, training_iters
+from .cls_probe import run_logistic_probe
 from .cls_trainer import read_classifier_backbone, train_classifier
 
 logger = logging.getLogger(__name__)
@@ -36,14 +40,26 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "cls_results.json"
 
 
-def run_cls_eval(cfg: CfgNode, seeds: int = 1, linear_probe: bool = False) -> dict:
-    """The whole protocol; writes and returns OUTPUT_DIR/cls_results.json's content."""
+def run_cls_eval(
+    cfg: CfgNode, seeds: int = 1, linear_probe: bool = False, logistic_probe: bool = False
+) -> dict:
+    """The whole protocol; writes and returns OUTPUT_DIR/cls_results.json's content.
+
+    ``logistic_probe``: the deterministic linear probe (engine/cls_probe.py) instead of SGD
+    training; one run (its result does not depend on a seed beyond SEED's validation split).
+    """
     if comm.get_world_size() > 1:
         raise RuntimeError("eval_cls.py runs in one process: use --num-gpus 1")
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
+    if logistic_probe and (linear_probe or seeds > 1):
+        raise ValueError(
+            "--logistic-probe is deterministic: it takes neither --linear-probe nor --seeds > 1"
+        )
     data = load_test_protocol_data(cfg)
     backbone_state = read_classifier_backbone(cfg)
+    if logistic_probe:
+        return _write_results(cfg, _logistic_probe_results(cfg, backbone_state, data))
     protocol = "linear_probe" if linear_probe else "finetune"
     lr, wd = cfg.CLS.SOLVER.BASE_LR, cfg.CLS.SOLVER.WEIGHT_DECAY
     results: dict = {
@@ -76,6 +92,26 @@ def run_cls_eval(cfg: CfgNode, seeds: int = 1, linear_probe: bool = False) -> di
         )
         per_seed.append({"seed": seed, "metrics": metrics})
     results["per_seed"] = per_seed
+    return _write_results(cfg, results)
+
+
+def _logistic_probe_results(cfg: CfgNode, backbone_state, data) -> dict:
+    metrics, probe = run_logistic_probe(cfg, backbone_state, data)
+    return {
+        "weights": cfg.MODEL.WEIGHTS,
+        "protocol": "logistic_probe",
+        "train_root": cfg.CLS.TRAIN_ROOT,
+        "test_root": cfg.CLS.TEST_ROOT,
+        "num_train": len(data.train_set),
+        "num_test": len(data.eval_set),
+        "probe": probe,
+        "per_seed": [{"seed": max(cfg.SEED, 0), "metrics": metrics}],
+    }
+
+
+def _write_results(cfg: CfgNode, results: dict) -> dict:
+    """Mean and std over ``results["per_seed"]``, then OUTPUT_DIR/cls_results.json."""
+    per_seed = results["per_seed"]
     stats = summarise([r["metrics"] for r in per_seed])  # sample std (ddof 1), 0 for one seed
     for field in ("mean", "std"):  # metric order as the evaluation reports it
         results[field] = {k: stats[k][field] for k in per_seed[0]["metrics"]}
@@ -84,9 +120,9 @@ def run_cls_eval(cfg: CfgNode, seeds: int = 1, linear_probe: bool = False) -> di
     atomic_write_text(json.dumps(results, indent=2), out)
     logger.info(
         "%s of %s over %d seed(s): mean %s, std %s (%s)",
-        protocol,
+        results["protocol"],
         cfg.MODEL.WEIGHTS,
-        seeds,
+        len(per_seed),
         results["mean"],
         results["std"],
         out,

@@ -74,7 +74,12 @@ def evaluate_classifier(model: torch.nn.Module, loader, multi_label: bool) -> di
         logits.append(model(batch).float().cpu())
         targets.append(batch["targets"])
     model.train(was_training)
-    logits, targets = torch.cat(logits), torch.cat(targets)
+    return classification_metrics(torch.cat(logits), torch.cat(targets), multi_label)
+
+
+def classification_metrics(logits, targets, multi_label: bool) -> dict[str, float]:
+    """Percentages: top-1 and mean per-class accuracy, or VOC07 mAP (``multi_label``)."""
+    logits, targets = torch.as_tensor(logits), torch.as_tensor(targets)
     if multi_label:
         return {"mAP": 100.0 * voc07_map(logits.numpy(), targets.numpy())}
     return {

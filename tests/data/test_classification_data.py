@@ -144,3 +144,17 @@ def test_transforms_shapes_and_normalisation():
         np.testing.assert_allclose(out[0, row].numpy() * 255, 4 * x, atol=1.0)
     with pytest.raises(ValueError, match="size=0"):
         classification_transforms(True, 0)
+
+
+def test_training_crop_scale_comes_from_the_argument():
+    # CLS.CROP_SCALE reaches RandomResizedCrop: with scale (1, 1) and aspect 3/4..4/3 on a square
+    # image, the crop is the whole image; the default 0.08..1 crops smaller areas.
+    ramp = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).convert("RGB")
+    torch.manual_seed(0)
+    whole = classification_transforms(True, 64, (0, 0, 0), (1, 1, 1), crop_scale=(1.0, 1.0))
+    spans = {round(float(np.ptp(whole(ramp)[0, 0].numpy())) * 255) for _ in range(10)}
+    assert spans == {252}  # every crop spans the full ramp 0..252
+    default = classification_transforms(True, 64, (0, 0, 0), (1, 1, 1))
+    assert min(float(np.ptp(default(ramp)[0, 0].numpy())) * 255 for _ in range(10)) < 200
+    with pytest.raises(ValueError, match="crop_scale"):
+        classification_transforms(True, 64, crop_scale=(0.5, 0.2))

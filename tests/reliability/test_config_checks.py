@@ -40,6 +40,11 @@ INVALID = [
         "without a gradient scaler",
     ),
     ({"BISSL.AMP.DTYPE": "float8"}, "BISSL.AMP.DTYPE", "must be one of"),
+    ({"BISSL.LAMBDA": 0.0}, "BISSL.LAMBDA", "cannot couple the levels"),
+    ({"BISSL.COUPLING": "loose"}, "BISSL.COUPLING", "must be one of"),
+    ({"CLS.CROP_SCALE": "(0.5, 0.2)"}, "CLS.CROP_SCALE", "0 < lo <= hi <= 1"),
+    ({"CLS.PROBE.L2_GRID": "(0.1, -1.0)"}, "CLS.PROBE.L2_GRID", "finite numbers > 0"),
+    ({"CLS.PROBE.VAL_FRACTION": 1.0}, "CLS.PROBE.VAL_FRACTION", "must be in (0, 1)"),
 ]
 
 
