@@ -113,10 +113,13 @@ def _load_yaml(path: str, cited_by: str | None) -> dict:
     with open(path) as f:
         try:
             data = yaml.safe_load(f)
-        except yaml.constructor.ConstructorError:
-            # Python tags: detectron2 merges such files with yaml.unsafe_load, so read them alike.
-            f.seek(0)
-            data = yaml.unsafe_load(f)
+        except yaml.constructor.ConstructorError as e:
+            # Python tags: detectron2 would merge the file with yaml.unsafe_load, which runs
+            # code. Refused here, before detectron2 reads it.
+            raise ConfigError(
+                f"{path}: holds a Python tag that loading would execute ({e.problem}); a config "
+                "may only hold plain YAML values"
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:

@@ -16,13 +16,13 @@ import logging
 from pathlib import Path
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
+from bissl_det.engine.checkpointer import AtomicCheckpointer
 from bissl_det.engine.finetune import FinetuneTrainer, check_initial_weights, summarise
 from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now, write_results
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 
@@ -34,7 +34,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = FinetuneTrainer.build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        # Our checkpointer: its reader never unpickles code (Detectron2's .pkl reader would).
+        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         if not (args.resume and checkpointer.has_checkpoint()):
             # Evaluation needs every tensor of a trained detector, not only a backbone.
             check_initial_weights(model, cfg.MODEL.WEIGHTS, whole_model=True)

@@ -2,7 +2,9 @@
 
 Every checkpoint, export and tag of the project is written by :func:`atomic_save` /
 :func:`atomic_write_text` (temporary file in the same folder, fsync, rename), and every file is
-read by :func:`load_checkpoint_file`, whose errors always name the path.
+read by :func:`load_checkpoint_file`, whose errors always name the path and which never
+unpickles a Python object other than tensors, NumPy arrays and plain containers unless the caller
+opts in (``trust_pickle``, logged as a warning).
 
 The backbone checkpoint format is the one Detectron2's ``DetectionCheckpointer`` loads with its
 name-matching heuristics (as MoCo's converted checkpoints are)::
@@ -15,6 +17,8 @@ With ``matching_heuristics`` Detectron2 matches ``res5.*`` to ``roi_heads.res5.*
 
 from __future__ import annotations
 
+import codecs
+import collections
 import logging
 import os
 import pickle
@@ -22,11 +26,13 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
     "CheckpointFileError",
     "UntrustedCheckpointError",
+    "safe_unpickle",
     "atomic_save",
     "atomic_write_text",
     "load_checkpoint_file",
@@ -152,6 +158,57 @@ def _unreadable(path: str, err: BaseException) -> CheckpointFileError:
     )
 
 
+# The globals a pickle of NumPy arrays in plain containers needs (Detectron2 / Caffe2 model-zoo
+# files, written by Python 2 or 3, pickle protocols 0-5), and nothing else: none of these
+# callables can run code, import a module or touch a file.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # NumPy 2 renamed numpy.core to numpy._core
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
+    ("collections", "OrderedDict"): collections.OrderedDict,
+}
+for _module in ("numpy.core", "numpy._core"):
+    _SAFE_GLOBALS[(f"{_module}.multiarray", "_reconstruct")] = _NUMPY_CORE.multiarray._reconstruct
+    _SAFE_GLOBALS[(f"{_module}.multiarray", "scalar")] = _NUMPY_CORE.multiarray.scalar
+    _SAFE_GLOBALS[(f"{_module}.numeric", "_frombuffer")] = _NUMPY_CORE.numeric._frombuffer
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles NumPy arrays, scalars, dtypes and plain containers; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}") from None
+
+
+def safe_unpickle(path: str) -> Any:
+    """Read a pickle file that may hold only NumPy arrays and plain containers.
+
+    Raises:
+        UntrustedCheckpointError: it refers to any other Python global (which a full unpickle
+            would import and may call: arbitrary code); the message names the path and global.
+        CheckpointFileError: not a readable pickle.
+    """
+    try:
+        with open(path, "rb") as f:
+            # latin1: Caffe2/Detectron1 pickles were written by Python 2.
+            return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise _unreadable(path, err) from err
+        raise UntrustedCheckpointError(
+            f"{path} is a pickle that refers to Python objects besides NumPy arrays and plain "
+            f"containers ({err}): loading it could execute code, so it was not unpickled. If "
+            "you trust the file's source, convert it once with tools/convert_checkpoint.py "
+            "--trust-pickle (logged) and use the converted .pth"
+        ) from err
+    except Exception as err:
+        raise _unreadable(path, err) from err
+
+
 def load_checkpoint_file(path: str | os.PathLike[str], trust_pickle: bool = False) -> Any:
     """Load a checkpoint file onto the CPU.
 
@@ -161,8 +218,8 @@ def load_checkpoint_file(path: str | os.PathLike[str], trust_pickle: bool = Fals
     refused unless ``trust_pickle=True``, which unpickles them fully and can run arbitrary code.
 
     ``.pkl`` files (Detectron2 model zoo / Caffe2 format: a pickle of NumPy arrays such as
-    ``{"model": {...}, "__author__": ...}``) are read with :mod:`pickle` directly, which can also
-    run arbitrary code: pass only ``.pkl`` files from trusted sources.
+    ``{"model": {...}, "__author__": ...}``) are read by :func:`safe_unpickle`, which refuses
+    any other Python object; ``trust_pickle=True`` unpickles them fully (logged).
 
     Args:
         path: The checkpoint file.
@@ -186,11 +243,16 @@ def load_checkpoint_file(path: str | os.PathLike[str], trust_pickle: bool = Fals
             f"{path} is empty (0 bytes): an interrupted write or copy; use an earlier file"
         )
     if path.endswith(".pkl"):
-        logger.info("Reading %s with pickle (trusted input only: pickle can run code)", path)
+        if not trust_pickle:
+            return safe_unpickle(path)
+        logger.warning(
+            "Reading %s with a full pickle.load because trust_pickle=True: this can execute "
+            "arbitrary code and must only be done for trusted files",
+            path,
+        )
         try:
             with open(path, "rb") as f:
-                # latin1: Caffe2/Detectron1 pickles were written by Python 2.
-                return pickle.load(f, encoding="latin1")
+                return pickle.load(f, encoding="latin1")  # latin1: Python 2 pickles
         except Exception as err:
             raise _unreadable(path, err) from err
     try:

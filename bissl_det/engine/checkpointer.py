@@ -133,12 +133,19 @@ class AtomicCheckpointer(DetectionCheckpointer):
         )
 
     def _load_file(self, filename: str) -> dict:
-        """Read and check a training checkpoint before anything of the run is changed."""
-        if not filename.endswith(".pth"):  # Detectron2 / Caffe2 model-zoo formats
-            return super()._load_file(filename)
+        """Read and check a checkpoint before anything of the run is changed.
+
+        Every format goes through the one safe reader (Detectron2's own reads ``.pkl`` with a
+        full ``pickle.load``, which can run code); ``.pkl`` and ``.pyth`` are then shaped as
+        Detectron2 shapes them.
+        """
         checkpoint = load_checkpoint_file(filename)
         if not isinstance(checkpoint, dict):
             raise CheckpointFileError(f"{filename} is not a checkpoint (a {type(checkpoint)})")
+        if filename.endswith(".pkl"):
+            checkpoint = model_zoo_layout(checkpoint)
+        elif filename.endswith(".pyth"):  # pycls
+            checkpoint = pycls_layout(filename, checkpoint)
         if "model" not in checkpoint:  # a bare state dict, as Detectron2 reads it
             checkpoint = {"model": checkpoint}
         if "diagnostic" in checkpoint or Path(filename).name.startswith(DIAGNOSTIC_PREFIX):
@@ -180,6 +187,25 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 filename,
                 "; ".join(changed),
             )
+
+
+def model_zoo_layout(data: dict) -> dict:
+    """A Detectron2 / Caffe2 model-zoo pickle's content in the layout Detectron2 loads it in."""
+    if "model" in data and "__author__" in data:  # Detectron2 model zoo
+        return data
+    blobs = data.get("blobs", data)  # Caffe2 detection models keep their tensors under "blobs"
+    weights = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+    return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+def pycls_layout(filename: str, data: dict) -> dict:
+    """A pycls ``.pyth`` checkpoint's content in the layout Detectron2 loads it in."""
+    if "model_state" not in data:
+        raise CheckpointFileError(f"{filename}: a pycls .pyth checkpoint needs 'model_state'")
+    weights = {
+        k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")
+    }
+    return {"model": weights, "__author__": "pycls", "matching_heuristics": True}
 
 
 def rng_state() -> dict:

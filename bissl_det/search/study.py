@@ -16,6 +16,7 @@ never runs more than ``n_trials`` and a rerun only adds what is missing.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -52,9 +53,35 @@ def log_uniform_space(ranges: Mapping[str, tuple[float, float]]) -> dict[str, Fl
     return space
 
 
+def check_journal_file(path: Path) -> None:
+    """Refuse a storage file that is not an Optuna journal (one JSON record per line).
+
+    Optuna would fail on it with a bare JSONDecodeError, or append to someone else's file.
+    """
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ValueError(f"search storage {path} is not a file")
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                break  # a record another worker is appending right now
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or "op_code" not in record:
+                raise ValueError(
+                    f"search storage {path} is not an Optuna journal file (line {number} is not "
+                    "a journal record): give --storage a journal file of tools/search.py or a "
+                    "new path"
+                )
+
+
 def open_study(storage_path: str | Path, study_name: str, sampler=None) -> optuna.Study:
     """Create or load (resume) ``study_name`` in the journal file ``storage_path``."""
     path = Path(storage_path)
+    check_journal_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(path)))
     return optuna.create_study(
