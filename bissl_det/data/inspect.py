@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from detectron2.structures import BoxMode
 
+from .inspect_cost import HeadCost
+
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 # Boxes smaller than this (p5, at training scale) cover less than one cell of the feature map
 # the RPN sees: one res4 cell (stride 16) for C4, two P2 cells (stride 4) for FPN.
@@ -29,6 +31,11 @@ RANGE_GRID = 5
 DETECTIONS_MARGIN = 2.0  # DETECTIONS_PER_IMAGE >= this x the most boxes in one image
 PROPOSALS_PER_OBJECT = 10  # POST_NMS_TOPK_TEST >= this x the most boxes in one image
 POSITIVE_ROIS_PER_OBJECT = 4  # sampled foreground RoIs per object in a dense (p95) image
+# Suggested RoI and proposal counts may make a training (test) image at most this many times
+# slower than the config's current counts do (tools/inspect_dataset.py --cost-limit).
+COST_LIMIT = 1.5
+OUTLIER_FACTOR = 2.0  # an image side this many times off the median one is an outlier
+OUTLIER_EXAMPLES = 5
 
 
 @dataclass
@@ -41,6 +48,7 @@ class SplitBoxes:
     box_image: np.ndarray  # (boxes,) index of each box's image
     box_class: np.ndarray  # (boxes,) category id
     class_names: list[str]
+    evaluator: str = "pascal_voc"  # the set's evaluator_type: "pascal_voc" or "coco"
 
     @property
     def boxes_per_image(self) -> np.ndarray:
@@ -67,7 +75,8 @@ def collect_split(name: str) -> SplitBoxes:
             wh.append((x1 - x0, y1 - y0))
             image_index.append(i)
             classes.append(ann["category_id"])
-    names = list(MetadataCatalog.get(name).get("thing_classes", []))
+    meta = MetadataCatalog.get(name)
+    names = list(meta.get("thing_classes", []))
     return SplitBoxes(
         name=name,
         image_hw=np.asarray(hw, dtype=np.float64).reshape(-1, 2),
@@ -75,6 +84,7 @@ def collect_split(name: str) -> SplitBoxes:
         box_image=np.asarray(image_index, dtype=np.int64),
         box_class=np.asarray(classes, dtype=np.int64),
         class_names=names,
+        evaluator=meta.get("evaluator_type", "pascal_voc"),
     )
 
 
@@ -158,6 +168,7 @@ class Suggestion:
     value: Any
     current: Any
     reason: str
+    cost: str = ""  # the expected change in time per iteration (or per test image), in words
 
     @property
     def changes(self) -> bool:
@@ -189,12 +200,31 @@ def _next_power_of_two(x: float) -> int:
     return 2 ** math.ceil(math.log2(max(x, 1.0)))
 
 
-def suggest_settings(train: list[SplitBoxes], all_splits: list[SplitBoxes], cfg) -> list:
+def evaluator_of(splits: list[SplitBoxes]) -> str:
+    """ "coco" if any split is scored by COCO AP (it counts at most 100 detections per image),
+    else "pascal_voc" (the VOC metric scores every detection)."""
+    kinds = {s.evaluator for s in splits}
+    return "coco" if "coco" in kinds else "pascal_voc"
+
+
+def suggest_settings(
+    train: list[SplitBoxes],
+    all_splits: list[SplitBoxes],
+    cfg,
+    cost: HeadCost | None = None,
+    cost_limit: float | None = COST_LIMIT,
+) -> list:
     """Settings that fit the data: anchors, input size, detections and RoIs per image.
 
     Anchors, aspect ratios and input sizes fit the boxes of the training splits at training
     scale; detection and proposal counts fit the densest image of any split. Counts never go
     below the config's current value (a suggestion only raises them).
+
+    With ``cost`` (measured for the config's model, :func:`.inspect_cost.measure_head_cost`)
+    every suggestion states its expected change in time per training (or test) image, and with
+    ``cost_limit`` the RoI batch and the test proposals are capped where their time per image
+    would exceed ``cost_limit`` x the current one (a multiple of 8, never below the current
+    value); the reason says what the data alone asked for. ``cost_limit`` None: no cap.
     """
     if not train or not sum(len(s.box_wh) for s in train):
         raise ValueError("no boxes in the training splits: nothing to fit anchors to")
@@ -224,10 +254,15 @@ def suggest_settings(train: list[SplitBoxes], all_splits: list[SplitBoxes], cfg)
     min_train = tuple(inp.MIN_SIZE_TRAIN)
     if factor > 1:
         min_train = tuple(_round_up(m * factor, 8) for m in inp.MIN_SIZE_TRAIN)
-    out.append(Suggestion("INPUT.MIN_SIZE_TRAIN", min_train, inp.MIN_SIZE_TRAIN, why))
+    upscale_cost = size_cost(cost, factor) if factor > 1 else ("none" if cost else "")
+    out.append(Suggestion("INPUT.MIN_SIZE_TRAIN", min_train, inp.MIN_SIZE_TRAIN, why, upscale_cost))
     for key, value in scaled.items():
         reason = why if key == "MIN_SIZE_TEST" else f"scaled like MIN_SIZE_TRAIN (x{factor:.2f})"
-        out.append(Suggestion(f"INPUT.{key}", value, inp[key], reason))
+        with_it = "with MIN_SIZE_TEST" if key == "MAX_SIZE_TEST" else "with MIN_SIZE_TRAIN"
+        size_text = "" if cost is None else f"counted {with_it}"
+        if key == "MIN_SIZE_TEST" and cost is not None:
+            size_text = f"backbone time per test image x{factor**2:.2f} (the same rule)"
+        out.append(Suggestion(f"INPUT.{key}", value, inp[key], reason, size_text))
     p1, p99 = np.percentile(train_sizes(min_train, scaled["MAX_SIZE_TRAIN"]), (1, 99))
 
     lo, hi = nearest_power_of_two(p1), nearest_power_of_two(p99)
@@ -243,7 +278,11 @@ def suggest_settings(train: list[SplitBoxes], all_splits: list[SplitBoxes], cfg)
             why += f"; boxes above {anchor_sizes[-1][0] * 1.41:.0f} px (p99 {p99:.0f}) exceed them"
     out.append(
         Suggestion(
-            "MODEL.ANCHOR_GENERATOR.SIZES", anchor_sizes, cfg.MODEL.ANCHOR_GENERATOR.SIZES, why
+            "MODEL.ANCHOR_GENERATOR.SIZES",
+            anchor_sizes,
+            cfg.MODEL.ANCHOR_GENERATOR.SIZES,
+            why,
+            "negligible (the RPN head's 1x1 convolutions per anchor)" if cost else "",
         )
     )
 
@@ -257,6 +296,7 @@ def suggest_settings(train: list[SplitBoxes], all_splits: list[SplitBoxes], cfg)
             ratios,
             cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
             f"powers of 2 within x1.41 of every h/w in p1..p99 = {r1:.2f}..{r99:.2f}",
+            "negligible (the RPN head's 1x1 convolutions per anchor)" if cost else "",
         )
     )
 
@@ -264,23 +304,35 @@ def suggest_settings(train: list[SplitBoxes], all_splits: list[SplitBoxes], cfg)
     most = int(per_image.max())
     dense = float(np.percentile(np.concatenate([s.boxes_per_image for s in train]), 95))
     dets = max(cfg.TEST.DETECTIONS_PER_IMAGE, _round_up(DETECTIONS_MARGIN * most, 10))
+    if evaluator_of(all_splits) == "coco":
+        scored = "COCO AP scores at most 100 detections per image"
+        if dets > 100 >= cfg.TEST.DETECTIONS_PER_IMAGE:
+            scored += ": more count for recall you read yourself, not for AP"
+    else:
+        scored = "the VOC metric scores every detection"
     out.append(
         Suggestion(
             "TEST.DETECTIONS_PER_IMAGE",
             dets,
             cfg.TEST.DETECTIONS_PER_IMAGE,
-            f"up to {most} boxes in one image: keep >= {DETECTIONS_MARGIN:g}x that "
-            "(COCO AP counts at most 100)",
+            f"up to {most} boxes in one image: keep >= {DETECTIONS_MARGIN:g}x that ({scored})",
+            "negligible (sorting scores)" if cost else "",
         )
     )
     post = max(rpn.POST_NMS_TOPK_TEST, dets, PROPOSALS_PER_OBJECT * most)
+    why = (
+        f">= {PROPOSALS_PER_OBJECT} proposals per object of the densest image, "
+        ">= DETECTIONS_PER_IMAGE"
+    )
+    post, why = _within_cost(post, rpn.POST_NMS_TOPK_TEST, why, cost, cost_limit, test=True)
+    post = max(post, dets)  # fewer proposals than detections would cap the detections
     out.append(
         Suggestion(
             "MODEL.RPN.POST_NMS_TOPK_TEST",
             post,
             rpn.POST_NMS_TOPK_TEST,
-            f">= {PROPOSALS_PER_OBJECT} proposals per object of the densest image, "
-            ">= DETECTIONS_PER_IMAGE",
+            why,
+            _count_cost(cost, rpn.POST_NMS_TOPK_TEST, post, test=True),
         )
     )
     pre_factor = 1 if arch == "FPN" else 2  # FPN applies PRE_NMS_TOPK per level
@@ -292,19 +344,25 @@ def suggest_settings(train: list[SplitBoxes], all_splits: list[SplitBoxes], cfg)
             rpn.PRE_NMS_TOPK_TEST,
             f">= {pre_factor}x POST_NMS_TOPK_TEST"
             + (" (per level for FPN)" if pre_factor == 1 else ""),
+            "negligible (NMS on boxes)" if cost else "",
         )
     )
     rois = max(
         roi.BATCH_SIZE_PER_IMAGE,
         _next_power_of_two(POSITIVE_ROIS_PER_OBJECT * dense / roi.POSITIVE_FRACTION),
     )
+    why = (
+        f"{POSITIVE_ROIS_PER_OBJECT} foreground RoIs per object in a dense image "
+        f"(p95 = {dense:g} boxes) at POSITIVE_FRACTION {roi.POSITIVE_FRACTION:g}"
+    )
+    rois, why = _within_cost(rois, roi.BATCH_SIZE_PER_IMAGE, why, cost, cost_limit, test=False)
     out.append(
         Suggestion(
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
             rois,
             roi.BATCH_SIZE_PER_IMAGE,
-            f"{POSITIVE_ROIS_PER_OBJECT} foreground RoIs per object in a dense image "
-            f"(p95 = {dense:g} boxes) at POSITIVE_FRACTION {roi.POSITIVE_FRACTION:g}",
+            why,
+            _count_cost(cost, roi.BATCH_SIZE_PER_IMAGE, rois, test=False),
         )
     )
     out.append(
@@ -313,6 +371,88 @@ def suggest_settings(train: list[SplitBoxes], all_splits: list[SplitBoxes], cfg)
             max(rpn.POST_NMS_TOPK_TRAIN, rois),
             rpn.POST_NMS_TOPK_TRAIN,
             ">= ROI_HEADS.BATCH_SIZE_PER_IMAGE, so that there are RoIs to sample",
+            "negligible (proposals are sampled down to BATCH_SIZE_PER_IMAGE)" if cost else "",
         )
     )
     return out
+
+
+def _within_cost(
+    wanted: int, current: int, why: str, cost: HeadCost | None, limit: float | None, test: bool
+) -> tuple[int, str]:
+    """``wanted`` capped to what ``limit`` x the current time per image affords, and why."""
+    if cost is None or limit is None or wanted <= current:
+        return wanted, why
+    per_roi, base = (
+        (cost.roi_test_s, cost.image_test_s) if test else (cost.roi_train_s, cost.image_train_s)
+    )
+    cap = cost.max_count(current, limit, per_roi, base)
+    if wanted <= cap:
+        return wanted, why
+    return cap, (
+        f"{why} asks for {wanted}, capped at {cap}: the cost limit allows x{limit:g} the current "
+        f"time per {'test' if test else 'training'} image (--cost-limit, --no-cost-limit)"
+    )
+
+
+def _count_cost(cost: HeadCost | None, current: int, value: int, test: bool) -> str:
+    """The change in seconds per image from ``current`` to ``value`` RoIs (train) or proposals."""
+    if cost is None:
+        return ""
+    time_of = cost.test_s if test else cost.train_s
+    before, after = time_of(current), time_of(value)
+    what = "test time per image" if test else "time per training iteration"
+    return (
+        f"{what} x{after / before:.2f} (per image {before:.3g} -> {after:.3g} s on this CPU; "
+        f"{1e3 * (cost.roi_test_s if test else cost.roi_train_s):.3g} ms per RoI measured)"
+    )
+
+
+def size_cost(cost: HeadCost | None, factor: float) -> str:
+    """Upscaling by ``factor``: backbone time grows with the pixels (factor^2), a rule."""
+    if cost is None:
+        return ""
+    return (
+        f"backbone time per training iteration x{factor**2:.2f} (a rule: convolution FLOPs grow "
+        f"with the pixels; measured {cost.image_train_s:.3g} s per image now)"
+    )
+
+
+def image_size_outliers(split: SplitBoxes, cfg, factor: float = OUTLIER_FACTOR) -> dict:
+    """Images whose short or long side differs from the split's median by more than ``factor``.
+
+    Under the training resize such an image is scaled differently from the rest (a 49x400 edge
+    tile is upscaled much more than a 400x400 one): its objects appear at other sizes.
+    Returns the count and up to ``OUTLIER_EXAMPLES`` examples with their mean training scale
+    and the median image's.
+    """
+    hw = split.image_hw
+    if not len(hw):
+        return {"count": 0, "examples": []}
+    short, long = hw.min(axis=1), hw.max(axis=1)
+    med_short, med_long = np.median(short), np.median(long)
+    off = (
+        (short * factor < med_short) | (short > factor * med_short)
+        | (long * factor < med_long) | (long > factor * med_long)
+    )  # fmt: skip
+    inp = cfg.INPUT
+    scales = resize_scales(hw, inp.MIN_SIZE_TRAIN, inp.MAX_SIZE_TRAIN, inp.MIN_SIZE_TRAIN_SAMPLING)
+    typical = resize_scales(
+        np.array([[np.median(hw[:, 0]), np.median(hw[:, 1])]]),
+        inp.MIN_SIZE_TRAIN,
+        inp.MAX_SIZE_TRAIN,
+        inp.MIN_SIZE_TRAIN_SAMPLING,
+    ).mean()
+    examples = Counter(
+        (int(hw[i, 1]), int(hw[i, 0]), round(float(scales[i].mean()), 2))
+        for i in np.flatnonzero(off)
+    )
+    return {
+        "count": int(off.sum()),
+        "median_wxh": f"{int(np.median(hw[:, 1]))}x{int(np.median(hw[:, 0]))}",
+        "median_train_scale": round(float(typical), 2),
+        "examples": [
+            {"wxh": f"{w}x{h}", "images": n, "train_scale": scale}
+            for (w, h, scale), n in examples.most_common(OUTLIER_EXAMPLES)
+        ],
+    }

@@ -13,7 +13,13 @@ import json
 import math
 import shlex
 
-from bissl_det.data.inspect import SplitBoxes, resize_scales, suggest_settings
+from bissl_det.data.inspect import (
+    SplitBoxes,
+    image_size_outliers,
+    resize_scales,
+    suggest_settings,
+)
+from bissl_det.data.inspect_cost import HeadCost
 from bissl_det.engine.setup import load_config
 from tests.conftest import CONFIGS, REPO
 
@@ -188,3 +194,133 @@ def test_readme_templates_are_valid_configs(template):
     names = [entry["NAME"] for entry in cfg.DATASETS.CUSTOM]
     assert list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) == names
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1
+
+
+# ---- Cost awareness ------------------------------------------------------------------------------
+
+# A C4-like cost: 0.5 s per training image for backbone + RPN, 10 ms per RoI forward + backward.
+FIXED_COST = HeadCost((400, 400), 0.5, 0.010, 0.2, 0.004, threads=1)
+
+
+def test_roi_batch_is_capped_by_the_cost_limit_and_its_cost_stated():
+    """The issue's case: 60 small objects per tile ask for 1024 RoIs; C4 cannot afford them."""
+    cfg = load_config(
+        str(DEMO_CFG), ["INPUT.MIN_SIZE_TRAIN", "(400,)", "INPUT.MIN_SIZE_TEST", "400"]
+    )
+    split = _dense_split(60, 20.0)
+    free = {x.key: x for x in suggest_settings([split], [split], cfg, FIXED_COST, None)}
+    assert free["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"].value == 1024
+    s = {x.key: x for x in suggest_settings([split], [split], cfg, FIXED_COST, 1.5)}
+    rois = s["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"]
+    # Now 0.5 + 64 x 0.01 = 1.14 s; x1.5 allows 1.71 s: 121 RoIs, a multiple of 8 below: 120.
+    assert rois.value == 120
+    assert FIXED_COST.train_s(rois.value) <= 1.5 * FIXED_COST.train_s(64)
+    assert "asks for 1024, capped at 120" in rois.reason
+    assert rois.cost.startswith("time per training iteration x1.49 (per image 1.14 -> 1.7 s")
+    assert s["MODEL.RPN.POST_NMS_TOPK_TRAIN"].value == 120  # >= the RoI batch
+    # Test-time proposals: 0.2 + 50 x 0.004 = 0.4 s; x1.5: 0.6 s -> 100 proposals, not 600.
+    post = s["MODEL.RPN.POST_NMS_TOPK_TEST"]
+    assert post.value == 96 and "asks for 600" in post.reason  # 0.2 + 96 x 0.004 = 0.584 s
+    assert FIXED_COST.test_s(post.value) <= 1.5 * FIXED_COST.test_s(50)
+    # Every changed suggestion says what it costs.
+    assert all(x.cost for x in s.values() if x.changes)
+
+
+def test_evaluator_named_as_the_config_uses_it():
+    cfg = load_config(str(DEMO_CFG))
+    voc = _dense_split(60, 20.0)
+    text = {x.key: x.reason for x in suggest_settings([voc], [voc], cfg)}
+    assert "VOC metric scores every detection" in text["TEST.DETECTIONS_PER_IMAGE"]
+    assert "COCO" not in text["TEST.DETECTIONS_PER_IMAGE"]
+    coco = _dense_split(60, 20.0)
+    coco.evaluator = "coco"
+    text = {x.key: x.reason for x in suggest_settings([coco], [coco], cfg)}
+    assert "COCO AP scores at most 100" in text["TEST.DETECTIONS_PER_IMAGE"]
+
+
+def test_image_size_outliers_are_reported_with_their_scale():
+    cfg = load_config(
+        str(DEMO_CFG), ["INPUT.MIN_SIZE_TRAIN", "(400,)", "INPUT.MAX_SIZE_TRAIN", "667"]
+    )
+    split = _dense_split(2, 20.0)
+    split.image_hw[:3] = [400.0, 49.0]  # edge tiles 49 px wide
+    out = image_size_outliers(split, cfg)
+    assert out["count"] == 3 and out["median_wxh"] == "400x400"
+    # 49 px short side -> 400 would be x8.2; the long side caps it at 667 / 400 = 1.67.
+    assert out["examples"] == [{"wxh": "49x400", "images": 3, "train_scale": 1.67}]
+    assert out["median_train_scale"] == 1.0
+    assert image_size_outliers(_dense_split(2, 20.0), cfg)["count"] == 0
+
+
+def _write_dense_voc(root, images: int = 12, side: int = 128, per_row: int = 6):
+    """A VOC folder of ``per_row``^2 small boxes per image, and two 40 px wide edge tiles."""
+    import cv2
+
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    ids = []
+    for i in range(images):
+        width = 40 if i < 2 else side
+        cv2.imwrite(
+            str(root / "JPEGImages" / f"{i:03d}.jpg"), np.full((side, width, 3), 128, np.uint8)
+        )
+        step = width // per_row
+        objects = "".join(
+            f"<object><name>tree</name><pose>Unspecified</pose><truncated>0</truncated>"
+            f"<difficult>0</difficult><bndbox><xmin>{x * step + 1}</xmin>"
+            f"<ymin>{y * (side // per_row) + 1}</ymin><xmax>{x * step + step - 1}</xmax>"
+            f"<ymax>{y * (side // per_row) + side // per_row - 1}</ymax></bndbox></object>"
+            for x in range(per_row)
+            for y in range(per_row)
+        )
+        (root / "Annotations" / f"{i:03d}.xml").write_text(
+            f"<annotation><filename>{i:03d}.jpg</filename><size><width>{width}</width>"
+            f"<height>{side}</height><depth>3</depth></size>{objects}</annotation>"
+        )
+        ids.append(f"{i:03d}")
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids) + "\n")
+
+
+def test_tool_on_a_dense_set_caps_rois_and_states_costs(tmp_path, capsys, monkeypatch):
+    """The acceptance test: a dense synthetic VOC set, a C4 config, measured costs."""
+    _write_dense_voc(tmp_path / "dense")
+    config = tmp_path / "dense.yaml"
+    config.write_text(
+        f'_BASE_: "{CONFIGS / "quick" / "test_tiny_finetune_C4.yaml"}"\n'
+        "MODEL:\n  ROI_HEADS:\n    NUM_CLASSES: 1\n"
+        "DATASETS:\n  CUSTOM:\n"
+        f"    - {{NAME: dense_trainval, FORMAT: voc, ROOT: {tmp_path / 'dense'}, SPLIT: trainval,"
+        " CLASSES: [tree]}\n"
+        '  TRAIN: ("dense_trainval",)\n  TEST: ()\n'
+        "BISSL:\n  PRETEXT_DATA:\n    DATASETS: []\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    report = _tool().main(["--config-file", str(config), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    cost, limit = report["cost"], report["cost"]["limit"]
+    assert limit == 1.5 and cost["roi_train_s"] > 0 and cost["image_train_s"] > 0
+    s = {x["key"]: x for x in report["suggestions"]}
+    rois = s["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"]
+    # 36 boxes per image ask for 4 x 36 / 0.25 = 576 -> 1024 RoIs; the cost limit holds.
+    assert rois["changes"] or "capped" in rois["reason"]
+    current = 16  # test_tiny_C4's BATCH_SIZE_PER_IMAGE
+
+    def train_s(n):
+        return cost["image_train_s"] + n * cost["roi_train_s"]
+
+    assert train_s(rois["value"]) <= limit * train_s(current) + 1e-12
+    assert rois["value"] < 1024 and "capped at" in rois["reason"]
+    assert f"# {rois['reason']}" in printed
+    if rois["changes"]:
+        assert f"#   cost: {rois['cost']}" in printed
+    assert "COCO" not in printed  # a VOC set: the VOC metric is named
+    outliers = report["splits"]["dense_trainval"]["image_size_outliers"]
+    assert outliers["count"] == 2 and outliers["examples"][0]["wxh"] == "40x128"
+    assert "WARNING: 2 images differ in size" in printed
+    # --no-cost-limit: what the data asks for, cost still stated.
+    free = _tool().main(
+        ["--config-file", str(config), "--out", str(tmp_path / "free"), "--no-cost-limit"]
+    )
+    value = {x["key"]: x for x in free["suggestions"]}["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"]
+    assert value["value"] == 1024 and value["cost"]
