@@ -325,7 +325,8 @@ def suggest_settings(
         ">= DETECTIONS_PER_IMAGE"
     )
     post, why = _within_cost(post, rpn.POST_NMS_TOPK_TEST, why, cost, cost_limit, test=True)
-    post = max(post, dets)  # fewer proposals than detections would cap the detections
+    if post < dets:  # the cost cap won: at most `post` boxes can be detected
+        why += f"; fewer than DETECTIONS_PER_IMAGE {dets}, which it bounds"
     out.append(
         Suggestion(
             "MODEL.RPN.POST_NMS_TOPK_TEST",
