@@ -97,7 +97,7 @@ def _describe(stats: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
-    register_from_config(cfg)
+    register_from_config(cfg, pretext=False)  # the detection splits only
     roles: dict[str, list[str]] = {}
     for role, names in (("train", cfg.DATASETS.TRAIN), ("test", cfg.DATASETS.TEST)):
         for name in names:

@@ -81,11 +81,32 @@ def validate_dataset(name: str, images: str = "header") -> int:
     return len(dicts)
 
 
-def datasets_in_use(cfg) -> dict[str, bool]:
-    """Every data set name the config uses -> whether it is a test split."""
-    pretext = cfg.BISSL.PRETEXT_DATA.DATASETS if "BISSL" in cfg else []
-    used = dict.fromkeys([*cfg.DATASETS.TRAIN, *pretext], False)
+# The config keys that name registered data sets (docs/own_data.md lists them all).
+DATASET_KEYS = ("DATASETS.TRAIN", "DATASETS.TEST", "BISSL.PRETEXT_DATA.DATASETS")
+
+
+def datasets_in_use(cfg, pretext: bool = True) -> dict[str, bool]:
+    """Every data set name the config uses -> whether it is a test split.
+
+    ``pretext`` False leaves out BISSL.PRETEXT_DATA.DATASETS (for tools that do not read it).
+    """
+    pretext_sets = cfg.BISSL.PRETEXT_DATA.DATASETS if pretext and "BISSL" in cfg else []
+    used = dict.fromkeys([*cfg.DATASETS.TRAIN, *pretext_sets], False)
     return used | dict.fromkeys(cfg.DATASETS.TEST, True)
+
+
+def keys_naming(cfg, name: str, origins=None) -> str:
+    """Which config keys name data set ``name``, their values, and (with ``origins``, a
+    :class:`~bissl_det.config_checks.ConfigOrigins`) the file that set each."""
+    found = []
+    for key in DATASET_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part, None) if node is not None else None
+        if node is not None and name in node:
+            where = f" (set in {origins.describe(key)})" if origins is not None else ""
+            found.append(f"{key} = {list(node)}{where}")
+    return "; ".join(found) or f"data set {name!r}"
 
 
 def _register_entry(i: int, entry) -> str:
@@ -117,16 +138,18 @@ def _register_entry(i: int, entry) -> str:
     return entry["NAME"]
 
 
-def register_from_config(cfg) -> list[str]:
+def register_from_config(cfg, origins=None, pretext: bool = True) -> list[str]:
     """Register every entry of ``cfg.DATASETS.CUSTOM``, then validate every data set in use.
 
     Validation covers train and test splits alike (DATASETS.CHECK_IMAGES says which images are
     decoded in full), so bad data fails here, not after training; then the downstream task's
     own checks (classification folders' images; masks for Mask R-CNN). Return the custom names.
+    ``pretext`` False: BISSL.PRETEXT_DATA.DATASETS is not validated (the tool does not read it).
 
     Raises:
         DatasetValidationError: A malformed entry (message names ``DATASETS.CUSTOM[i]`` and the
-            key) or bad data (the message names the files).
+            key) or bad data (the message names the files); a data set's error starts with the
+            keys that name it and, with ``origins`` (config_checks.ConfigOrigins), their files.
     """
     entries = cfg.DATASETS.get("CUSTOM", [])
     if not isinstance(entries, list | tuple):
@@ -137,10 +160,13 @@ def register_from_config(cfg) -> list[str]:
             f"DATASETS.CHECK_IMAGES = {mode!r} must be one of {list(CHECK_IMAGES_MODES)}"
         )
     names = [_register_entry(i, entry) for i, entry in enumerate(entries)]
-    for name, is_test in datasets_in_use(cfg).items():
+    for name, is_test in datasets_in_use(cfg, pretext).items():
         start = time.perf_counter()
         decode = mode == "decode_all" or (mode == "decode_test" and is_test)
-        count = validate_dataset(name, "decode" if decode else "header")
+        try:
+            count = validate_dataset(name, "decode" if decode else "header")
+        except DatasetValidationError as e:
+            raise DatasetValidationError(f"{keys_naming(cfg, name, origins)}: {e}") from None
         logger.info(
             "dataset %s: %d images validated (%s) in %.1f s",
             name,

@@ -82,9 +82,12 @@ def setup(args, tool: str | None = None) -> CfgNode:
     removes temporary files that an interrupted write left.
     """
     cfg, origins = _load_config(args.config_file, args.opts)
-    register_from_config(cfg)
-    check_num_classes(cfg)
     tool = tool or running_tool()
+    # A tool that draws no pretext batch does not need BISSL.PRETEXT_DATA's sets (a fine-tuning
+    # config may inherit the demo's from its _BASE_).
+    pretext = tool is None or any(data == "pretext" for _, data in TOOL_BATCHES.get(tool, ()))
+    register_from_config(cfg, origins, pretext)
+    check_num_classes(cfg)
     if tool and not getattr(args, "eval_only", False):
         check_batch_sizes(cfg, origins, tool, comm.get_world_size())
     cfg.freeze()

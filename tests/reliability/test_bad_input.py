@@ -320,3 +320,33 @@ def test_disk_nearly_full(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=rf"OUTPUT_DIR {tmp_path}: only 5 MiB free .* 1024 MiB"):
         setup_module.check_output_dir(str(tmp_path))
     setup_module.check_output_dir(str(tmp_path), min_free_bytes=1 << 20)  # enough for this one
+
+
+def test_unregistered_pretext_set_names_its_key_and_file(tmp_path, in_demo_workdir):
+    """The issue's error: a set named by BISSL.PRETEXT_DATA.DATASETS in a _BASE_ file."""
+    from bissl_det.data.detection import DatasetValidationError
+
+    base = _leaf_config(
+        tmp_path / "base.yaml",
+        'BISSL:\n  PRETEXT_DATA:\n    DATASETS: ["nowhere_trainval"]\n'
+        f'OUTPUT_DIR: "{tmp_path / "out"}"\n',
+    )
+    leaf = tmp_path / "leaf.yaml"
+    leaf.write_text(f'_BASE_: "{base}"\nSEED: 3\n')
+    with pytest.raises(DatasetValidationError) as err:
+        _setup(leaf)  # no tool named: every set in use is validated
+    message = str(err.value)
+    assert message.startswith(
+        f"BISSL.PRETEXT_DATA.DATASETS = ['nowhere_trainval'] (set in {leaf} (via _BASE_ {base})):"
+    )
+    assert "'nowhere_trainval' is not registered" in message
+    # A fine-tuning run does not read the pretext sets: the same config starts.
+    from bissl_det.engine.setup import setup
+
+    from detectron2.engine import default_argument_parser
+
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(leaf), "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"]
+    )
+    cfg = setup(args, tool="finetune_det")
+    assert list(cfg.BISSL.PRETEXT_DATA.DATASETS) == ["nowhere_trainval"]
