@@ -45,3 +45,28 @@ def test_histograms(tmp_path):
         tmp_path / "h.png",
     )
     assert out.stat().st_size > 1000
+
+
+def test_one_evaluation_is_a_marker_with_its_value(tmp_path, monkeypatch):
+    """ap.png after a single evaluation: a large marker and the value written beside it."""
+    from matplotlib.axes import Axes
+
+    written = []
+    original = Axes.annotate
+
+    def annotate(self, text, *args, **kwargs):
+        written.append(text)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "annotate", annotate)
+    metrics = tmp_path / "metrics.json"
+    rows = [{"iteration": i, "total_loss": 2.0 - i / 10} for i in range(3)]
+    rows.append({"iteration": 2, "bbox/AP": 0.78, "bbox/AP50": 2.5})
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    plot_metrics(metrics, tmp_path / "plots", FINETUNE_PLOTS, "iteration")
+    assert written == ["0.78", "2.5"]  # the two AP panels, not the 3-point loss
+
+
+def test_bissl_loss_titles_do_not_promise_a_fall():
+    for key in ("upper_loss", "lower_pretext_loss", "upper_loss_on_theta"):
+        assert "falls" not in metric_info(key)[1]

@@ -70,7 +70,10 @@ def main(args):
         out = Path(cfg.OUTPUT_DIR) / "results.json"
         record = {**results, "evaluation": plan}
         write_results(out, record, cfg, start_time=start, config_file=args.config_file)
-        logger.info("Upper-level results: %s (%s)", dict(results), out)
+        if results:
+            logger.info("Upper-level results: %s (%s)", dict(results), out)
+        else:
+            logger.info("Upper level: nothing evaluated (evaluation: %s); wrote %s", plan, out)
     return results
 
 

@@ -35,6 +35,8 @@ def build_detection_evaluator(cfg: CfgNode, dataset_name: str, output_dir: str) 
                 f"MODEL.MASK_ON is True, but test set {dataset_name!r} is VOC-style (boxes only): "
                 "evaluate Mask R-CNN on a COCO-format set with masks (DATASETS.CUSTOM FORMAT coco)"
             )
+        year = MetadataCatalog.get(dataset_name).get("year", None)
+        logger.info("%s: %s", dataset_name, voc_metric_name(year))
         return PascalVOCDetectionEvaluator(dataset_name)
     if evaluator_type == "coco":
         # Without detectron2's C++ ops, pycocotools' pure-Python COCOeval gives the same numbers.
@@ -46,6 +48,15 @@ def build_detection_evaluator(cfg: CfgNode, dataset_name: str, output_dir: str) 
         )
     raise ValueError(
         f"dataset {dataset_name!r}: evaluator_type {evaluator_type!r} is not 'pascal_voc' or 'coco'"
+    )
+
+
+def voc_metric_name(year) -> str:
+    """The VOC metric detectron2's evaluator computes for a set of ``year`` (its metadata)."""
+    ap = "11-point interpolated AP (VOC2007 devkit)" if year == 2007 else "area under the PR curve"
+    return (
+        f"VOC metric of year {year}: {ap}; AP = mean over IoU 0.50:0.05:0.95, AP50, AP75 "
+        "(DATASETS.CUSTOM YEAR 2007 or 2012 chooses it)"
     )
 
 

@@ -20,10 +20,16 @@ PlotTable = Mapping[str, tuple[str, Sequence[str]]]
 LOSS = "loss (nats: cross-entropy)"
 METRIC_INFO: dict[str, tuple[str, str]] = {
     # BiSSL stages.
-    "lower_pretext_loss": ("pretext loss (SimCLR: nats; BYOL: 2 - 2 cos)", "falls, slowly"),
+    "lower_pretext_loss": (
+        "pretext loss (SimCLR: nats; BYOL: 2 - 2 cos)",
+        "expected to fall slowly; the pull toward phi can hold it",
+    ),
     "lower_loss": ("pretext + lambda/2 ||theta - phi||^2", ""),
-    "upper_loss": ("downstream loss at phi (sum of the detector's losses)", "falls"),
-    "upper_loss_on_theta": ("downstream loss at theta", "falls, close to upper_loss"),
+    "upper_loss": (
+        "downstream loss at phi (sum of the detector's losses)",
+        "expected to fall; a rise: check hypergradient.png",
+    ),
+    "upper_loss_on_theta": ("downstream loss at theta", "expected near upper_loss"),
     "theta_phi_distance": ("||theta - phi|| (L2 over backbone tensors)", "bounded by lambda"),
     "hypergrad_iterations": ("solver iterations", "<= BISSL.HYPERGRAD.MAX_ITER"),
     "hypergrad_rel_residual_max": ("max over the stage of ||A x - g|| / ||g||", "good: < 1e-2"),
@@ -36,21 +42,21 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "stage_time": ("seconds per stage", ""),
     "upper_grad_norm": ("||grad|| before clipping", ""),
     # Pretraining.
-    "pretext_loss": ("pretext loss (SimCLR: nats; BYOL: 2 - 2 cos)", "falls"),
+    "pretext_loss": ("pretext loss (SimCLR: nats; BYOL: 2 - 2 cos)", "expected to fall"),
     "grad_norm": ("||grad|| before clipping", ""),
     "ema_momentum": ("BYOL target momentum", "rises to 1"),
     # Fine-tuning (detectron2's loss names) and evaluation.
-    "total_loss": ("sum of the detector's losses", "falls"),
-    "loss_cls": (LOSS, "falls"),
-    "loss_rpn_cls": ("loss (nats: binary cross-entropy)", "falls"),
-    "loss_box_reg": ("smooth-L1 box regression loss", "falls"),
-    "loss_rpn_loc": ("smooth-L1 box regression loss", "falls"),
+    "total_loss": ("sum of the detector's losses", "expected to fall"),
+    "loss_cls": (LOSS, "expected to fall"),
+    "loss_rpn_cls": ("loss (nats: binary cross-entropy)", "expected to fall"),
+    "loss_box_reg": ("smooth-L1 box regression loss", "expected to fall"),
+    "loss_rpn_loc": ("smooth-L1 box regression loss", "expected to fall"),
     "*bbox/AP*": ("AP (%)", "higher is better"),
     # Classification.
     "*top1*": ("top-1 accuracy (%)", "higher is better"),
     "*acc*": ("accuracy (%)", "higher is better"),
     "*mAP*": ("mAP (%)", "higher is better"),
-    "*loss*": (LOSS, "falls"),
+    "*loss*": (LOSS, "expected to fall"),
     "lr*": ("learning rate", "the schedule"),
 }
 REFERENCE_LINES = {
@@ -172,7 +178,13 @@ def plot_metrics(
             ax.set_visible(False)
         for ax, key in zip(axes.flat, present, strict=False):
             xs, ys = zip(*series[key], strict=True)
-            ax.plot(xs, ys, marker=".")
+            if len(xs) == 1:  # one evaluation: a dot would be lost; show a marker and its value
+                ax.plot(xs, ys, marker="o", markersize=9, linestyle="none")
+                ax.annotate(
+                    f"{ys[0]:.4g}", (xs[0], ys[0]), xytext=(8, 6), textcoords="offset points"
+                )
+            else:
+                ax.plot(xs, ys, marker=".")
             unit, good = metric_info(key)
             ax.set_title(f"{key}\n({good})" if good else key, fontsize=9)
             ax.set_xlabel(x_label)
