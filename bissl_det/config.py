@@ -14,6 +14,8 @@ CUSTOM_DATASET_KEYS = {
     "voc": ({"NAME", "FORMAT", "ROOT", "SPLIT", "CLASSES"}, {"YEAR"}),
     "coco": ({"NAME", "FORMAT", "JSON", "IMAGE_ROOT"}, set()),
 }
+# BISSL.COUPLING values: BiSSL and the arms of a study (engine/coupling.py).
+COUPLINGS = ("bilevel", "first_order", "proximal", "decoupled")
 # DATASETS.CHECK_IMAGES values: which images are decoded in full at start-up.
 CHECK_IMAGES_MODES = ("header", "decode_test", "decode_all")
 
@@ -78,10 +80,11 @@ def add_bissl_config(cfg: CN) -> CN:
     _C.BISSL.UPPER_STEPS = 8
     # Proximity weight lambda in L_P(theta) + lambda/2 ||theta - phi||^2.
     _C.BISSL.LAMBDA = 1e-3
-    # How the lower level sees the upper one. "bilevel": BiSSL (the pull lambda/2 ||theta - phi||^2
-    # and the implicit gradient). "decoupled": the compute-matched control of a study: no pull
-    # (theta never depends on phi), no implicit gradient (x = 0), and the same pretext batches,
-    # lower steps and upper steps as the bilevel run of the same SEED.
+    # How the levels are coupled (engine/coupling.py). "bilevel": BiSSL (the pull
+    # lambda/2 ||theta - phi||^2 and the implicit gradient x). Arms of a study: "first_order"
+    # (x = g), "proximal" (x = 0: theta pulled toward a phi trained by GAMMA L_D alone) and
+    # "decoupled", the compute-matched control: no pull (theta never depends on phi), x = 0. All
+    # draw the same pretext batches and run the same lower and upper steps for the same SEED.
     _C.BISSL.COUPLING = "bilevel"
     # Weight of the upper loss on the upper backbone itself: L_D(theta*) + GAMMA * L_D(phi).
     _C.BISSL.GAMMA = 1.0

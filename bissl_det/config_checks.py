@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import yaml
 from detectron2.config import CfgNode
 
+from .config import COUPLINGS
+
 BASE_KEY = "_BASE_"
 COMMAND_LINE = "command-line override"
 
@@ -240,8 +242,6 @@ FRACTIONS = ("MODEL.BYOL.EMA_MOMENTUM", "BISSL.PRETEXT_DATA.MAX_BAD_FRACTION")
 # Pretext batches of the two tools that train a pretext task (BiSSL's lower level, pretraining).
 PRETEXT_BATCHES = ("BISSL.LOWER.IMS_PER_BATCH", "PRETRAIN.IMS_PER_BATCH")
 AMP_DTYPES = ("bfloat16", "float16")
-# BISSL.COUPLING values (bissl_det/config.py).
-COUPLINGS = ("bilevel", "decoupled")
 
 _MISSING = object()
 

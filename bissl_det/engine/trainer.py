@@ -34,6 +34,7 @@ from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, all_reduce_mean
 from ..utils.plots import BISSL_PLOTS
 from .checkpointer import AtomicCheckpointer, TrainingProgress
+from .coupling import FixedStageSystem, proximity_weight
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, build_writers
 from .hypergrad import Hypergradient, LogHypergradient, StageSystem
@@ -255,7 +256,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
     def lower_step(self, step: int) -> tuple[float, float]:
         """One step on L_P(theta, theta_p) + lambda/2 ||theta - phi||^2. Returns both losses."""
-        lam = self.cfg.BISSL.LAMBDA
+        lam = proximity_weight(self.cfg.BISSL)  # 0 for the decoupled control
         batch = self.next_pretext_batch()
         with self.first_order_precision():
             pretext_loss = self.model.pretext_loss(*batch)
@@ -271,9 +272,11 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             # The pretext gradient alone (before proximity and clipping) feeds the Fisher.
             self.hypergrad.record_lower_gradient(grads)
             # The proximity gradient lambda (theta - phi) in closed form; phi is a constant here.
-            diff = torch._foreach_sub(pairs.lower, pairs.upper)
-            proximity = 0.5 * lam * tuple_norm(diff).item() ** 2
-            torch._foreach_add_(grads, diff, alpha=lam)
+            proximity = 0.0
+            if lam:  # decoupled: phi is not even read
+                diff = torch._foreach_sub(pairs.lower, pairs.upper)
+                proximity = 0.5 * lam * tuple_norm(diff).item() ** 2
+                torch._foreach_add_(grads, diff, alpha=lam)
         self.clip_and_check(self.lower_params, self.cfg.BISSL.LOWER.CLIP_GRAD_NORM, "lower", step)
         self.lower_optimizer.step()
         self.lower_scheduler.step()
@@ -282,19 +285,24 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         pretext = pretext_loss.item()
         return pretext + proximity, pretext
 
-    def stage_system(self) -> StageSystem:
+    def stage_system(self) -> StageSystem | FixedStageSystem:
         """The stage's implicit-gradient system (BISSL.HYPERGRAD), its matrix built once.
 
         "hessian"/"ggn" draw one pretext batch and keep its first-order graph; BN statistics of
         that forward go to throw-away copies, so products move neither the lower model nor
         BYOL's target. "fisher" uses the lower steps' gradient history: no pass at all.
+        A BISSL.COUPLING other than "bilevel" solves nothing (x = g or 0), drawing the same batch.
         """
+        coupling = self.cfg.BISSL.COUPLING
+        if coupling != "bilevel":
+            curvature = self.cfg.BISSL.HYPERGRAD.CURVATURE
+            return FixedStageSystem.draw(coupling, curvature, self.next_pretext_batch)
         system = self.hypergrad.stage_system(self.next_pretext_batch)
         if system.curvature.loss is not None:
             self.check_finite(system.curvature.loss, "pretext loss (curvature batch)", "upper", 0)
         return system
 
-    def upper_step(self, system: StageSystem, step: int) -> dict[str, float]:
+    def upper_step(self, system: StageSystem | FixedStageSystem, step: int) -> dict[str, float]:
         bissl = self.cfg.BISSL
         model, pairs = self.model, self.model.backbone_pairs
         head = model.upper_head_parameters()
