@@ -3,9 +3,10 @@
 
     python tools/aggregate_seeds.py output/ft_voc_s*/results.json --out output/ft_voc_summary.json
 
-Each input is a results.json of tools/finetune_det.py ({dataset: {AP, AP50, AP75}}),
-tools/train_bissl.py or tools/eval_cls.py; every numeric leaf is aggregated (sample std,
-ddof = 1), "units" and "provenance" are not. The summary JSON holds {"metrics": {metric: {mean,
+Each input is a results.json of tools/finetune_det.py ({dataset: {AP, AP50, AP75}}) or
+tools/train_bissl.py (one run each), or a cls_results.json of tools/eval_cls.py (one run per
+evaluation seed); every numeric leaf of a run is aggregated (sample std, ddof = 1; "n/a" for a
+single run), "units" and "provenance" are not. The summary JSON holds {"metrics": {metric: {mean,
 std, n}}, "units", "inputs": [{path, sha256, seed, git commit}], "seeds"}. To compare two groups
 (baseline vs BiSSL) with a confidence interval, use tools/compare_runs.py.
 """
@@ -18,21 +19,23 @@ from pathlib import Path
 
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import sha256_file, utc_now
-from bissl_det.utils.stats import flatten_metrics, summarise
+from bissl_det.utils.results import Run
+from bissl_det.utils.results import read_runs as read_file_runs
+from bissl_det.utils.stats import format_mean_std, summarise
 
 
-def read_runs(paths: list[Path]) -> tuple[list[dict], list[dict], object]:
-    """(results, input records, common units) of results.json files; errors name the file."""
+def read_runs(paths: list[Path]) -> tuple[list[Run], list[dict], object]:
+    """(runs, input records, common units) of results files; errors name the file."""
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"results files not found: {missing}")
-    results, inputs, units = [], [], {}
+    all_runs, inputs, units = [], [], {}
     for path in paths:
         try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: not valid JSON ({e})") from None
-        results.append(record)
+            record, runs = read_file_runs(path)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        all_runs += runs
         prov = record.get("provenance", {})
         inputs.append(
             {
@@ -46,12 +49,15 @@ def read_runs(paths: list[Path]) -> tuple[list[dict], list[dict], object]:
     if len(set(units.values())) > 1:
         raise SystemExit(f"inputs state different units: {units}")
     first = next(iter(units.values()))
-    return results, inputs, json.loads(first)
+    return all_runs, inputs, json.loads(first)
 
 
-def aggregate(results: list[dict]) -> dict[str, dict[str, float]]:
+def aggregate(runs: list[Run]) -> dict[str, dict[str, float]]:
     """{metric: {"mean", "std", "n"}} over runs; metrics must be present in every run."""
-    return summarise([flatten_metrics(r) for r in results])
+    try:
+        return summarise([run.metrics for run in runs])
+    except ValueError as e:
+        raise SystemExit(f"{sorted({run.path for run in runs})}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,11 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("results", nargs="+", type=Path, help="results.json files")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = parser.parse_args(argv)
-    results, inputs, units = read_runs(args.results)
-    summary = aggregate(results)
+    runs, inputs, units = read_runs(args.results)
+    summary = aggregate(runs)
     for key, stats in summary.items():
-        print(f"{key:40s} {stats['mean']:8.2f} +- {stats['std']:.2f}  (n={stats['n']})")
-    seeds = [i["seed"] for i in inputs]
+        print(f"{key:40s} {format_mean_std(stats):>20s}  (n={stats['n']})")
+    seeds = [run.seed for run in runs]
     if None not in seeds and len(set(seeds)) < len(seeds):
         print(f"warning: repeated seeds {seeds}: these runs are not independent")
     if args.out:

@@ -1,4 +1,5 @@
-"""Seed statistics: metrics of results.json files, mean and std, Welch's difference interval.
+"""Seed statistics: metrics of results.json files, mean and std, Welch's difference interval,
+the paired t interval of runs paired by seed.
 
 The Student-t quantile (:func:`student_t_quantile`) inverts the t CDF, written through the
 regularised incomplete beta function (a continued fraction evaluated with the modified Lentz
@@ -148,3 +149,98 @@ def welch_difference(
     df = (vb + vt) ** 2 / (vb * vb / (nb - 1) + vt * vt / (nt - 1))
     t_crit = student_t_quantile(0.5 + confidence / 2.0, df)
     return Difference(diff, se, df, t_crit, diff - t_crit * se, diff + t_crit * se, confidence)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of the paired differences b_i - a_i with its t interval (a paired t-test).
+
+    ``t_stat`` and ``p_value`` (two-sided) are those of ``scipy.stats.ttest_rel(b, a)``;
+    ``pairs_to_resolve``: the fewest pairs whose interval would exclude 0 if the observed mean
+    and std of the differences stayed as they are (None: the mean is 0, nothing would).
+    """
+
+    n: int
+    diff: float
+    std: float
+    se: float
+    df: int
+    t_crit: float
+    t_stat: float
+    p_value: float
+    low: float
+    high: float
+    confidence: float
+    pairs_to_resolve: int | None
+
+    @property
+    def resolved(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def pairs_to_resolve(diff: float, std: float, confidence: float = 0.95, limit: int = 100_000):
+    """Smallest n >= 2 with t_{(1+c)/2, n-1} std / sqrt(n) < |diff|; None if none up to limit."""
+    if diff == 0:
+        return None
+    if std == 0:
+        return 2
+    p = 0.5 + confidence / 2.0
+
+    def resolves(n: int) -> bool:
+        return student_t_quantile(p, n - 1) * std / math.sqrt(n) < abs(diff)
+
+    if not resolves(limit):
+        return None
+    lo, hi = 1, 2  # resolves(n) is monotone in n: bracket, then bisect
+    while not resolves(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if resolves(mid) else (mid, hi)
+    return hi
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+) -> PairedDifference | None:
+    """Paired t interval of mean(b_i - a_i) (``a[i]`` and ``b[i]`` share a seed); None for
+    fewer than 2 pairs.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in length.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired difference: {len(a)} values against {len(b)}")
+    n = len(a)
+    if n < 2:
+        return None
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    mean, std = statistics.fmean(d), statistics.stdev(d)
+    se, df = std / math.sqrt(n), n - 1
+    t_crit = student_t_quantile(0.5 + confidence / 2.0, df)
+    if se == 0:  # every pair differs by the same amount
+        t_stat = math.copysign(math.inf, mean) if mean else math.nan
+        p_value = 0.0 if mean else math.nan
+    else:
+        t_stat = mean / se
+        p_value = 2.0 * student_t_cdf(-abs(t_stat), df)  # the tail itself: no cancellation
+    return PairedDifference(
+        n=n,
+        diff=mean,
+        std=std,
+        se=se,
+        df=df,
+        t_crit=t_crit,
+        t_stat=t_stat,
+        p_value=p_value,
+        low=mean - t_crit * se,
+        high=mean + t_crit * se,
+        confidence=confidence,
+        pairs_to_resolve=pairs_to_resolve(mean, std, confidence),
+    )
+
+
+def format_mean_std(stats: Mapping[str, float], digits: int = 2) -> str:
+    """``mean +- std``; a single run has no spread to show: ``mean +- n/a``."""
+    std = "n/a" if int(stats["n"]) < 2 else f"{stats['std']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} +- {std}"

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 
 from bissl_det.utils.stats import (
+    paired_difference,
+    pairs_to_resolve,
     student_t_cdf,
     student_t_quantile,
     welch_difference,
@@ -117,3 +119,98 @@ def test_aggregate_records_inputs_and_feeds_compare(tmp_path):
 def test_missing_inputs_are_named(tmp_path):
     with pytest.raises(SystemExit, match="no results file matches"):
         compare_main(["--baseline", str(tmp_path / "x*.json"), "--treatment", "y", "--out", "z"])
+
+
+# Paired t by hand: differences d = (2, 3, 2, 5) -> mean 3, sample std sqrt(2), df 3.
+PAIRED_A = [10.0, 11.0, 12.0, 13.0]
+PAIRED_B = [12.0, 14.0, 14.0, 18.0]
+
+
+def test_paired_difference_by_hand():
+    d = paired_difference(PAIRED_A, PAIRED_B)
+    std = math.sqrt(2.0)
+    assert (d.n, d.df, d.diff, d.std) == (4, 3, 3.0, pytest.approx(std))
+    t = 3.0 / (std / 2)
+    assert d.t_stat == pytest.approx(t)  # scipy.stats.ttest_rel(b, a).statistic
+    # Its p-value from the closed-form t CDF of df 3: 1/2 + (u / (1 + u^2) + atan u) / pi, u = t/sqrt3.
+    u = t / math.sqrt(3.0)
+    assert d.p_value == pytest.approx(1.0 - 2.0 * (u / (1 + u * u) + math.atan(u)) / math.pi)
+    assert d.t_crit == pytest.approx(3.182, abs=6e-4)  # the t table, df 3
+    assert (d.low, d.high) == pytest.approx((3 - d.t_crit * std / 2, 3 + d.t_crit * std / 2))
+    assert d.resolved
+    # Two pairs, df 1 (Cauchy): p = 2 (1/2 - atan(|t|)/pi); CI half-width tan(0.475 pi) sd / sqrt2.
+    two = paired_difference([0.0, 0.0], [1.0, 3.0])
+    t = 2.0 / (math.sqrt(2.0) / math.sqrt(2.0))
+    assert two.t_stat == pytest.approx(t)
+    assert two.p_value == pytest.approx(1.0 - 2.0 * math.atan(t) / math.pi, rel=1e-8)
+    assert two.high - two.diff == pytest.approx(math.tan(0.475 * math.pi) * 1.0, rel=1e-9)
+    assert not two.resolved
+    assert paired_difference([1.0], [2.0]) is None
+
+
+def test_pairs_to_resolve_is_the_smallest_sufficient_n():
+    # |mean| = 1, std = 2: n must satisfy t_{0.975, n-1} * 2 / sqrt(n) < 1, first at n = 18.
+    n = pairs_to_resolve(1.0, 2.0)
+    assert student_t_quantile(0.975, n - 1) * 2 / math.sqrt(n) < 1.0
+    assert student_t_quantile(0.975, n - 2) * 2 / math.sqrt(n - 1) >= 1.0
+    assert n == 18
+    assert pairs_to_resolve(0.0, 1.0) is None and pairs_to_resolve(1.0, 0.0) == 2
+
+
+def _cls_results(path: Path, seeds, top1s):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per_seed = [
+        {"seed": s, "metrics": {"top1": t, "mean_per_class_acc": t - 1}}
+        for s, t in zip(seeds, top1s, strict=True)
+    ]
+    record = {
+        "protocol": "finetune",
+        "num_train": 50,
+        "hparams": {"lr": 0.01},
+        "per_seed": per_seed,
+        "mean": {"top1": sum(top1s) / len(top1s)},
+        "std": {"top1": 0.0},
+        "units": {"top1": "percent"},
+        "provenance": {"seed": seeds[0]},
+    }
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_compare_reads_cls_results_and_pairs_by_seed(tmp_path, capsys):
+    base = _cls_results(tmp_path / "base" / "cls_results.json", [0, 1, 2, 3], PAIRED_A)
+    # The treatment's seeds in another order: pairing is by seed, not by position.
+    bissl = _cls_results(tmp_path / "bissl" / "cls_results.json", [3, 1, 0, 2], [18, 14, 12, 14])
+    out = tmp_path / "paired"
+    args = ["--baseline", str(base), "--treatment", str(bissl), "--out", str(out)]
+    report = compare_main([*args, "--paired"])
+    top1 = report["metrics"]["top1"]
+    assert set(report["metrics"]) == {"top1", "mean_per_class_acc"}  # no hparams, no mean/std
+    d = paired_difference(PAIRED_A, PAIRED_B)
+    assert top1["paired_difference"] == pytest.approx(3.0) and top1["n_pairs"] == 4
+    assert top1["interval"] == pytest.approx([d.low, d.high]) and top1["resolved"]
+    assert top1["seeds"] == [0, 1, 2, 3] and top1["pairs_to_resolve"] == d.pairs_to_resolve
+    assert top1["baseline"]["n"] == 4 and top1["baseline"]["mean"] == pytest.approx(11.5)
+    assert "paired t" in (tmp_path / "paired.md").read_text()
+    # Unpaired (Welch) on the same files: a wider interval, not resolved.
+    welch = compare_main([*args[:-1], str(tmp_path / "welch")])["metrics"]["top1"]
+    assert welch["interval"][1] - welch["interval"][0] > d.high - d.low and not welch["resolved"]
+    # Seeds that do not match are refused, naming both sets.
+    other = _cls_results(tmp_path / "other" / "cls_results.json", [7, 8], [1.0, 2.0])
+    with pytest.raises(SystemExit, match=r"seeds differ.*\[0, 1, 2, 3\].*\[7, 8\]"):
+        compare_main(
+            ["--baseline", str(base), "--treatment", str(other), "--out", str(out), "--paired"]
+        )
+
+
+def test_single_runs_show_no_spread(tmp_path, capsys):
+    base = _cls_results(tmp_path / "a" / "cls_results.json", [0], [10.0])
+    bissl = _cls_results(tmp_path / "b" / "cls_results.json", [0], [12.0])
+    compare_main(["--baseline", str(base), "--treatment", str(bissl), "--out", str(tmp_path / "r")])
+    md = (tmp_path / "r.md").read_text()
+    assert "| 10.00 +- n/a (1) | 12.00 +- n/a (1) | +2.00 |" in md and "+- 0.00" not in md
+    summary = aggregate_main([str(base), str(bissl)])
+    assert summary["top1"]["n"] == 2  # one run per file, both read
+    out = capsys.readouterr().out
+    single = aggregate_main([str(base)])
+    assert single["top1"]["n"] == 1 and "n/a" in capsys.readouterr().out and "+- 0.00" not in out
