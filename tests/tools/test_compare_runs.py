@@ -132,7 +132,7 @@ def test_paired_difference_by_hand():
     assert (d.n, d.df, d.diff, d.std) == (4, 3, 3.0, pytest.approx(std))
     t = 3.0 / (std / 2)
     assert d.t_stat == pytest.approx(t)  # scipy.stats.ttest_rel(b, a).statistic
-    # Its p-value from the closed-form t CDF of df 3: 1/2 + (u / (1 + u^2) + atan u) / pi, u = t/sqrt3.
+    # p by the closed-form t CDF of df 3: 1/2 + (u / (1 + u^2) + atan u) / pi, u = t/sqrt3.
     u = t / math.sqrt(3.0)
     assert d.p_value == pytest.approx(1.0 - 2.0 * (u / (1 + u * u) + math.atan(u)) / math.pi)
     assert d.t_crit == pytest.approx(3.182, abs=6e-4)  # the t table, df 3
