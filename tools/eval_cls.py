@@ -15,6 +15,7 @@ OUTPUT_DIR/seed_<seed>/ (metrics.json, TensorBoard events, plots). Single proces
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine.cls_eval import run_cls_eval
 from bissl_det.engine.launch import launch_from_args
+from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now, write_results
@@ -23,7 +24,7 @@ from detectron2.engine import default_argument_parser
 
 
 def argument_parser():
-    parser = describe(default_argument_parser(), __doc__)
+    parser = add_overwrite_flag(describe(default_argument_parser(), __doc__))
     parser.add_argument(
         "--linear-probe",
         action="store_true",

@@ -19,6 +19,7 @@ import bissl_det  # noqa: F401  (compatibility shims + registrations, before det
 from bissl_det.engine.checkpointer import AtomicCheckpointer
 from bissl_det.engine.finetune import FinetuneTrainer, check_initial_weights, summarise
 from bissl_det.engine.launch import launch_from_args
+from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now, write_results
@@ -56,5 +57,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = describe(default_argument_parser(), __doc__).parse_args()
+    args = add_overwrite_flag(describe(default_argument_parser(), __doc__)).parse_args()
     launch_from_args(main, args)

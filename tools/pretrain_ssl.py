@@ -12,6 +12,7 @@ tools/finetune_det.py and tools/eval_cls.py. --resume continues from the last ch
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.pretrain import PretrainTrainer
+from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now, write_results
@@ -48,5 +49,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = describe(default_argument_parser(), __doc__).parse_args()
+    args = add_overwrite_flag(describe(default_argument_parser(), __doc__)).parse_args()
     launch_from_args(main, args)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
+from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import load_config, setup
 from bissl_det.engine.signals import EXIT_INTERRUPTED, TrainingInterrupted
 from bissl_det.search import SearchOptions, run_search
@@ -31,7 +32,7 @@ from detectron2.engine import default_argument_parser
 
 
 def argument_parser():
-    parser = describe(default_argument_parser(), __doc__)
+    parser = add_overwrite_flag(describe(default_argument_parser(), __doc__))
     parser.add_argument("--trials", type=int, required=True, help="counted trials in the study")
     parser.add_argument(
         "--workers", type=int, default=1, help="parallel worker processes (one GPU each)"

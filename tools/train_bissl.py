@@ -14,6 +14,7 @@ from pathlib import Path
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.launch import launch_from_args
+from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now, write_results
@@ -25,7 +26,7 @@ logger = logging.getLogger("bissl_det.train_bissl")
 
 
 def argument_parser():
-    parser = describe(default_argument_parser(), __doc__)
+    parser = add_overwrite_flag(describe(default_argument_parser(), __doc__))
     parser.add_argument(
         "--evaluate",
         action="store_true",

@@ -24,6 +24,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
 from ..checkpoint import CheckpointFileError, atomic_save, atomic_write_text, load_checkpoint_file
+from .run_identity import check_resume_checkpoint, read_run_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
+        run = read_run_file(self.save_dir)
+        if run is not None:  # which run wrote it: --resume refuses another run's checkpoint
+            data["run_identity"] = run
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
@@ -115,10 +119,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 rejected.append(f"{candidate} (tagged in last_checkpoint) does not exist")
                 continue
             try:
+                self._resuming = True  # _load_file checks the file belongs to this run
                 checkpoint = self.load(candidate)
             except CheckpointFileError as err:
                 rejected.append(str(err))
                 continue
+            finally:
+                self._resuming = False
             if rejected:
                 logger.warning(
                     "--resume: not resuming from %s; resuming from %s, the newest usable "
@@ -161,6 +168,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise UnusableCheckpointError(
                 f"{filename} holds {len(nonfinite)} non-finite tensors, e.g. {nonfinite[:5]}"
             )
+        if getattr(self, "_resuming", False):
+            run = read_run_file(self.save_dir)
+            check_resume_checkpoint(filename, checkpoint, run, self.model.state_dict())
         self._warn_overridden_settings(filename, checkpoint)
         return checkpoint
 

@@ -23,6 +23,7 @@ from ..config_checks import (
 from ..data.build import check_num_classes
 from ..data.detection import register_from_config
 from .logs import setup_run_logging
+from .run_identity import check_run_identity, running_script
 from .run_lock import lock_output_dir, remove_stray_temp_files
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,11 @@ def setup(args, tool: str | None = None) -> CfgNode:
     check_output_dir(cfg.OUTPUT_DIR)
     if comm.is_main_process():
         lock_output_dir(cfg.OUTPUT_DIR)
+        script = running_script()
+        if script:  # before anything is written into OUTPUT_DIR
+            check_run_identity(
+                cfg, script, resume=args.resume, overwrite=getattr(args, "overwrite", False)
+            )
     # default_setup's work, without colour codes in log.txt and in redirected output.
     setup_run_logging(cfg, args)
     if comm.is_main_process():

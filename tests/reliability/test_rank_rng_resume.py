@@ -123,6 +123,6 @@ def test_two_process_pretraining_saves_every_rank_and_resumes(in_demo_workdir, t
     assert not torch.equal(
         per_rank["rank_rng"][0]["torch_rng"], per_rank["rank_rng"][1]["torch_rng"]
     )
-    run(3, "--resume")
+    run(3, "--resume", "--overwrite")  # a longer schedule: another run identity, deliberately
     assert "Resuming pretraining at step 2" in (tmp_path / "log.txt").read_text()
     assert "every rank restarts from rank 0's state" not in (tmp_path / "log.txt").read_text()
