@@ -23,12 +23,14 @@ from .pretext import (
     TwoViewTransform,
     UnlabeledImages,
     find_images,
+    normalise_pixels,
 )
 from .tasks import downstream_task
 
 __all__ = [
     "build_downstream_train_loader",
     "build_pretext_loader",
+    "pretext_batch_to_device",
     "check_num_classes",
     "downstream_train_size",
     "pretext_image_paths",
@@ -101,6 +103,19 @@ def build_pretext_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.BISSL.PRETEXT_DATA.NUM_WORKERS > 0,
     )
+
+
+def pretext_batch_to_device(
+    cfg: CfgNode, batch: tuple[torch.Tensor, ...], device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """The loader's views on ``device``: uint8 pixels are copied, then normalised there (float32,
+    MODEL.PIXEL_MEAN/STD); floating tensors (already model inputs, e.g. tests' batches) are only
+    moved."""
+    moved = tuple(t.to(device, non_blocking=True) for t in batch)
+    if all(t.dtype != torch.uint8 for t in moved):
+        return moved
+    mean, std = normalisation(cfg)
+    return tuple(normalise_pixels(t, mean, std) if t.dtype == torch.uint8 else t for t in moved)
 
 
 # ---- Downstream (upper level): the config's task ------------------------------------------------

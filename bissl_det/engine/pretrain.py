@@ -23,7 +23,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from ..checkpoint import export_backbone, load_pretext_weights
-from ..data.build import build_pretext_loader
+from ..data.build import build_pretext_loader, pretext_batch_to_device
 from ..modeling.backbone import PooledEncoder, build_resnet_trunk
 from ..modeling.meta_arch import build_pretext_model
 from ..modeling.pretext import cosine_ema_momentum
@@ -162,7 +162,7 @@ class PretrainTrainer(FaultChecks, TrainerBase):
     def run_step(self) -> None:
         assert self.model.training, "PretrainTrainer: the model was left in eval mode"
         start = time.perf_counter()
-        view1, view2 = (t.to(self.device, non_blocking=True) for t in next(self._data_iter))
+        view1, view2 = pretext_batch_to_device(self.cfg, next(self._data_iter), self.device)
         self.progress.pretext_batches += 1
         data_time = time.perf_counter() - start
 

@@ -27,7 +27,11 @@ from torch import nn
 
 from ..bilevel import IndefiniteSystemError, NonFiniteError, tuple_norm
 from ..checkpoint import export_backbone, load_pretext_checkpoint
-from ..data.build import build_downstream_train_loader, build_pretext_loader
+from ..data.build import (
+    build_downstream_train_loader,
+    build_pretext_loader,
+    pretext_batch_to_device,
+)
 from ..evaluation.evaluate import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
 from ..solver.build import build_lars, build_scheduler
@@ -43,10 +47,6 @@ from .signals import with_graceful_interrupt
 from .warmup import train_head, warmup_iterations
 
 logger = logging.getLogger(__name__)
-
-
-def _to_device(batch, device: torch.device):
-    return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def _fill_missing_grads(params: Sequence[torch.Tensor], grads) -> list[torch.Tensor]:
@@ -193,7 +193,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
     def next_pretext_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
-        batch = _to_device(next(self._pretext_iter), self.device)
+        batch = pretext_batch_to_device(self.cfg, next(self._pretext_iter), self.device)
         self._data_time += time.perf_counter() - start
         self.progress.pretext_batches += 1
         return batch

@@ -11,13 +11,17 @@ from bissl_det.data.pretext import (
     TwoViewAugmentation,
     TwoViewTransform,
     UnlabeledImages,
+    blur_kernel_size,
+    blur_radius,
     find_images,
+    normalise_pixels,
 )
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
+from torchvision.transforms import functional as TF
 
 
 def random_image(w: int = 64, h: int = 48, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -28,7 +32,7 @@ def random_image(w: int = 64, h: int = 48, seed: int = 0, mode: str = "RGB") -> 
 def test_two_view_shapes_and_normalisation() -> None:
     aug = TwoViewAugmentation(crop_size=32)
     v1, v2 = TwoViewTransform(aug)(random_image(mode="L"))  # grayscale input -> RGB views
-    assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == torch.float32
+    assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == torch.uint8
     assert not torch.equal(v1, v2)
     # Identity-like augmentation: the view is exactly the normalised resized image.
     plain = TwoViewAugmentation(
@@ -43,10 +47,16 @@ def test_two_view_shapes_and_normalisation() -> None:
     )
     img = random_image(16, 16)
     v1, _ = TwoViewTransform(plain)(img)
+    np.testing.assert_array_equal(v1.permute(1, 2, 0).numpy(), np.asarray(img))
+    # Normalised on the device: the uint8 batch becomes (x / 255 - mean) / std.
     expected = (np.asarray(img, dtype=np.float32) / 255.0 - np.array(plain.mean)) / np.array(
         plain.std
     )
-    np.testing.assert_allclose(v1.permute(1, 2, 0).numpy(), expected, rtol=1e-5, atol=1e-5)
+    normalised = normalise_pixels(torch.stack([v1, v1]), plain.mean, plain.std)
+    assert normalised.dtype == torch.float32 and normalised.shape == (2, 3, 16, 16)
+    np.testing.assert_allclose(normalised[1].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        normalise_pixels(normalised, plain.mean, plain.std)
 
 
 def test_two_view_deterministic_under_seed() -> None:
@@ -75,8 +85,8 @@ PLAIN = {
 
 
 def pixels(view: torch.Tensor) -> np.ndarray:
-    """A view (mean 0, std 1: no normalisation) back to HxWx3 values on the 0-255 scale."""
-    return view.permute(1, 2, 0).numpy() * 255.0
+    """A uint8 view as HxWx3 float values on the 0-255 scale."""
+    return view.permute(1, 2, 0).numpy().astype(np.float32)
 
 
 def test_flip_probability_measured_over_many_draws() -> None:
@@ -153,6 +163,30 @@ def test_blur_p1_on_view1_smooths_and_view2_is_untouched() -> None:
     ratios = np.array(ratios)
     # sigma ~ U(0.1, 2): below ~0.3 a 3x3 kernel rounds back to the image (about 10% of draws).
     assert (ratios < 0.99).mean() > 0.75 and ratios.max() <= 1.0 and ratios.min() < 0.6
+
+
+def _line_spread(image: np.ndarray) -> float:
+    """Standard deviation (px) of a blurred one-pixel vertical line's horizontal profile."""
+    profile = image[image.shape[0] // 2].astype(np.float64)
+    x = np.arange(profile.size) - profile.size // 2
+    return float(np.sqrt((profile * x**2).sum() / profile.sum()))
+
+
+@pytest.mark.parametrize("crop_size", [32, 96, 224])
+@pytest.mark.parametrize("sigma", [0.1, 0.3, 0.6, 1.0, 2.0])
+def test_pil_blur_spreads_like_the_authors_kernel(crop_size: int, sigma: float) -> None:
+    """PIL's blur at blur_radius(sigma) spreads a line as torchvision's sampled, truncated kernel
+    (the previous pipeline) does; PIL's radius = sigma would blur 3x too much at sigma 0.3 (0.29
+    px against 0.09). Below ~0.1 px the uint8 rounding of the line's tails decides."""
+    line = np.zeros((41, 41), dtype=np.uint8)
+    line[:, 20] = 255
+    pil = np.asarray(
+        Image.fromarray(line).filter(ImageFilter.GaussianBlur(blur_radius(sigma, crop_size)))
+    )
+    kernel = blur_kernel_size(crop_size)
+    reference = TF.gaussian_blur(torch.from_numpy(line)[None].float(), [kernel, kernel], [sigma])
+    want = _line_spread(reference[0].numpy())
+    assert abs(_line_spread(pil) - want) < 0.1 + 0.03 * want
 
 
 def test_solarize_inverts_exactly_the_pixels_at_or_above_128() -> None:
