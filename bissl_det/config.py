@@ -136,6 +136,9 @@ def add_bissl_config(cfg: CN) -> CN:
     # Log the true relative residual ||A x - g|| / ||g|| of every solve (one extra product per
     # upper step); False logs the solver's own estimate.
     _C.BISSL.HYPERGRAD.TRUE_RESIDUAL = True
+    # A stage whose worst true residual exceeds this is out of range: a WARNING names the key to
+    # change (engine/verdict.py), and results.json counts such stages under "hypergradient".
+    _C.BISSL.HYPERGRAD.WARN_RESIDUAL = 0.3
     # Lanczos steps per stage estimating the extreme eigenvalues of I + C / (LAMBDA + DAMPING)
     # (products; free for SOLVER "lanczos", whose basis gives them). 0: not estimated.
     _C.BISSL.HYPERGRAD.EIGEN_STEPS = 8

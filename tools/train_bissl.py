@@ -70,6 +70,8 @@ def main(args):
     if comm.is_main_process():
         out = Path(cfg.OUTPUT_DIR) / "results.json"
         record = {**results, "evaluation": plan}
+        if not args.eval_only:
+            record["hypergradient"] = trainer.verdict.summary
         write_results(out, record, cfg, start_time=start, config_file=args.config_file)
         if results:
             logger.info("Upper-level results: %s (%s)", dict(results), out)

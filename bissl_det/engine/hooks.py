@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 from pathlib import Path
 
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, IterationTimer
 from detectron2.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 
 from ..utils.plots import plot_metrics
 
-__all__ = ["ExportBackbone", "PlotMetrics", "build_writers"]
+__all__ = ["ExportBackbone", "PlotMetrics", "StageProgress", "StageTimer", "build_writers"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +58,51 @@ class PlotMetrics(HookBase):
             self.output_dir / "metrics.json", self.output_dir / "plots", self.plots, self.xlabel
         )
         logger.info("Wrote plots: %s", ", ".join(str(p) for p in written))
+
+
+class StageProgress(HookBase):
+    """A console line per logged BiSSL stage: ``stage s/T``, its seconds, the mean, and the ETA.
+
+    Detectron2's CommonMetricPrinter counts iterations from 0 and leaves the first ones out of
+    its timing; here every stage this process ran counts (``stage_time``, put by the trainer),
+    so the ETA exists from the first logged stage on: mean seconds x stages left.
+    """
+
+    def __init__(self, period: int):
+        self.period = max(1, period)
+        self._seconds: list[float] = []
+
+    def after_step(self) -> None:
+        latest = self.trainer.storage.latest()
+        if "stage_time" in latest:
+            self._seconds.append(latest["stage_time"][0])
+        stage, total = self.trainer.iter + 1, self.trainer.max_iter
+        if (stage % self.period and stage != total) or not self._seconds:
+            return
+        mean = sum(self._seconds) / len(self._seconds)
+        eta = datetime.timedelta(seconds=round(mean * (total - stage)))
+        logger.info(
+            "stage %d/%d: %.1f s (mean %.1f s over %d stages of this run), ETA %s",
+            stage, total, self._seconds[-1], mean, len(self._seconds), eta,
+        )  # fmt: skip
+
+    def after_train(self) -> None:
+        if self._seconds:
+            total = sum(self._seconds)
+            logger.info(
+                "BiSSL stages: %d in %s (%.2f s / stage; the head warm-up not included)",
+                len(self._seconds), datetime.timedelta(seconds=round(total)),
+                total / len(self._seconds),
+            )  # fmt: skip
+
+
+class StageTimer(IterationTimer):
+    """Detectron2's iteration timer from the first stage on (its "time" gives the metric
+    printer's ETA), without its closing "Overall training speed" line: with no timing warm-up
+    that line counts one iteration more than ran. :class:`StageProgress` gives the count."""
+
+    def __init__(self):
+        super().__init__(warmup_iter=0)
+
+    def after_train(self) -> None:
+        pass

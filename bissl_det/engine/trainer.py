@@ -40,10 +40,11 @@ from ..utils.plots import BISSL_PLOTS
 from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .coupling import FixedStageSystem, proximity_weight
 from .faults import FaultChecks
-from .hooks import ExportBackbone, PlotMetrics, build_writers
+from .hooks import ExportBackbone, PlotMetrics, StageProgress, StageTimer, build_writers
 from .hypergrad import Hypergradient, LogHypergradient, StageSystem
 from .resume import resume_from_last
 from .signals import with_graceful_interrupt
+from .verdict import HypergradientVerdict
 from .warmup import train_head, warmup_iterations
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             self.upper_optimizer, bissl.STAGES * bissl.UPPER_STEPS, 0, bissl.UPPER.FINAL_LR_FACTOR
         )
         self.progress = TrainingProgress()
+        # Per-stage check of the implicit gradient (rank 0 logs it; results.json keeps it).
+        self.verdict = HypergradientVerdict(cfg)
         self.hypergrad = Hypergradient(cfg, self.model)
         extra = {}
         if self.hypergrad.fisher is not None and bissl.HYPERGRAD.FISHER_HISTORY > bissl.LOWER_STEPS:
@@ -137,7 +140,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
     def build_hooks(self) -> list:
         cfg = self.cfg
         period = cfg.BISSL.CHECKPOINT_PERIOD
-        hook_list = [hooks.IterationTimer()]
+        hook_list = [StageTimer()]
         # Every process: a save gathers each rank's RNG state (rank 0 writes). Period 0: only
         # the final checkpoint.
         hook_list.append(
@@ -152,6 +155,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         if comm.is_main_process():
             hook_list.append(hooks.PeriodicWriter(self.build_writers(), cfg.BISSL.LOG_PERIOD))
             hook_list.append(LogHypergradient(cfg.BISSL.LOG_PERIOD))
+            hook_list.append(StageProgress(cfg.BISSL.LOG_PERIOD))
+            hook_list.append(self.verdict)
             hook_list.append(PlotMetrics(cfg.OUTPUT_DIR, BISSL_PLOTS, self.unit))
         return with_graceful_interrupt(hook_list)
 
