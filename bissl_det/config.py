@@ -145,6 +145,10 @@ def add_bissl_config(cfg: CN) -> CN:
     # Treat the pretext head as a lower-level variable in the derivative (joint system over
     # backbone and head, identity on the backbone only = the Schur complement); the paper: False.
     _C.BISSL.HYPERGRAD.INCLUDE_PRETEXT_HEAD = False
+    # TF32 in the curvature batch's forward, the products and the solvers (Ampere+ GPUs): False
+    # runs them in true float32 whatever torch's global switches say (utils/precision.py; cost
+    # and accuracy in docs/full_scale.md). The first-order passes keep the global settings.
+    _C.BISSL.HYPERGRAD.ALLOW_TF32 = False
 
     _C.BISSL.LOWER = CN()
     # LARS over the lower backbone and pretext head.

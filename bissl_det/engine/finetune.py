@@ -12,6 +12,7 @@ from detectron2.utils import comm
 from ..checkpoint import check_detector_weights
 from ..checkpoint.verify import verify_backbone_loaded
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics
+from ..modeling.sync_bn import use_float32_sync_bn_statistics
 from ..utils.plots import FINETUNE_PLOTS
 from .checkpointer import AtomicCheckpointer
 from .faults import FaultChecks
@@ -29,6 +30,12 @@ class FinetuneTrainer(FaultChecks, DefaultTrainer):
     def run_step(self) -> None:
         with self.divergence_guard("fine-tuning", 0):
             super().run_step()
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        use_float32_sync_bn_statistics(model)  # naiveSyncBN statistics in fp32 under autocast
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -37,6 +37,7 @@ from ..modeling.memory import checkpoint_resnet_blocks
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, all_reduce_mean
 from ..utils.plots import BISSL_PLOTS
+from ..utils.precision import tf32
 from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .coupling import FixedStageSystem, proximity_weight
 from .faults import FaultChecks
@@ -302,7 +303,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         if coupling != "bilevel":
             curvature = self.cfg.BISSL.HYPERGRAD.CURVATURE
             return FixedStageSystem.draw(coupling, curvature, self.next_pretext_batch)
-        system = self.hypergrad.stage_system(self.next_pretext_batch)
+        with tf32(self.cfg.BISSL.HYPERGRAD.ALLOW_TF32):
+            system = self.hypergrad.stage_system(self.next_pretext_batch)
         if system.curvature.loss is not None:
             self.check_finite(system.curvature.loss, "pretext loss (curvature batch)", "upper", 0)
         return system
@@ -321,7 +323,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         grads = _fill_missing_grads((*pairs.lower, *head), grads)
         g, head_grads = all_reduce_mean(grads[: len(pairs.lower)]), grads[len(pairs.lower) :]
         try:
-            x, solve_stats = system.solve(g)
+            with tf32(self.cfg.BISSL.HYPERGRAD.ALLOW_TF32):
+                x, solve_stats = system.solve(g)
         except (NonFiniteError, IndefiniteSystemError) as e:
             self.fail_nonfinite(f"implicit gradient solver: {e}", "upper", step)
 

@@ -23,6 +23,7 @@ from torch.func import functional_call
 from ...checkpoint.pairing import BackbonePairs, pair_by_suffix
 from ..backbone import PooledEncoder, build_resnet_trunk
 from ..pretext import BYOL, SimCLR
+from ..sync_bn import use_float32_sync_bn_statistics
 
 
 def build_pretext_model(cfg, encoder: PooledEncoder) -> nn.Module:
@@ -90,10 +91,9 @@ class BiSSL(nn.Module):
             raise ValueError("MODEL.BISSL.UPPER_META_ARCHITECTURE cannot be BiSSL itself")
         # Plain BN on the lower level: Hessian-vector products need double backward.
         encoder = PooledEncoder(build_resnet_trunk(cfg, norm="BN"))
-        return {
-            "lower": build_pretext_model(cfg, encoder),
-            "upper": META_ARCH_REGISTRY.get(upper_arch)(cfg),
-        }
+        upper = META_ARCH_REGISTRY.get(upper_arch)(cfg)
+        use_float32_sync_bn_statistics(upper)  # bf16 autocast (BISSL.AMP) keeps fp32 statistics
+        return {"lower": build_pretext_model(cfg, encoder), "upper": upper}
 
     @property
     def lower_backbone(self) -> nn.Module:
