@@ -4,9 +4,8 @@ One submitit task per node: it starts the tool as a subprocess with ``--num-gpus
 --num-machines N --machine-rank <node> --dist-url tcp://<node 0>:<port>``, and the tool's own
 launcher (``bissl_det.engine.launch``) starts the G processes of that node. So a cluster run is
 exactly the manual multi-machine run (docs/pipeline.md), the launcher forwards signals to its
-workers,
-and the same path runs on CPU (gloo) for tests. One task per GPU would need a second,
-submitit-specific process-group set-up next to the launcher.
+workers, and the same path runs on CPU (gloo) for tests. One task per GPU would need a
+second, submitit-specific process-group set-up next to the launcher.
 
 Signals, in the order they act:
 
