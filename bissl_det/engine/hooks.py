@@ -81,9 +81,12 @@ class StageProgress(HookBase):
             return
         mean = sum(self._seconds) / len(self._seconds)
         eta = datetime.timedelta(seconds=round(mean * (total - stage)))
+        coupling = ""
+        if "coupling_ratio" in latest:
+            coupling = f", coupling lambda|theta-phi|/|grad L_P| {latest['coupling_ratio'][0]:.3g}"
         logger.info(
-            "stage %d/%d: %.1f s (mean %.1f s over %d stages of this run), ETA %s",
-            stage, total, self._seconds[-1], mean, len(self._seconds), eta,
+            "stage %d/%d: %.1f s (mean %.1f s over %d stages of this run), ETA %s%s",
+            stage, total, self._seconds[-1], mean, len(self._seconds), eta, coupling,
         )  # fmt: skip
 
     def after_train(self) -> None:

@@ -16,6 +16,7 @@ curvature products are averaged across processes by hand.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -117,6 +118,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         )
         self._pretext_iter = self._downstream_iter = None
         self._data_time = 0.0  # seconds this stage spent waiting for batches
+        self._coupling: list[float] = []  # lower steps' lambda ||theta - phi|| / ||grad L_P||
         self.register_hooks(self.build_hooks())
 
     # ---- Set-up ------------------------------------------------------------------------------
@@ -225,6 +227,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         assert self.model.training, "BilevelTrainer: the model was left in eval mode"
         start = time.perf_counter()
         self._data_time = 0.0
+        self._coupling = []
         bissl = self.cfg.BISSL
         lower_losses = [self.lower_step(k) for k in range(bissl.LOWER_STEPS)]
         system = self.stage_system()
@@ -240,6 +243,8 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             "lower_loss": sum(x[0] for x in lower_losses) / len(lower_losses),
             "lower_pretext_loss": sum(x[1] for x in lower_losses) / len(lower_losses),
             "theta_phi_distance": distance,
+            # lambda ||theta - phi|| / ||grad L_P||, mean over the stage's lower steps.
+            "coupling_ratio": sum(self._coupling) / len(self._coupling),
             "lr_lower": self.lower_optimizer.param_groups[0]["lr"],
             "lr": self.upper_optimizer.param_groups[0]["lr"],
             "data_time": self._data_time,
@@ -277,12 +282,16 @@ class BilevelTrainer(FaultChecks, TrainerBase):
                 raise RuntimeError("a lower backbone parameter received no pretext gradient")
             # The pretext gradient alone (before proximity and clipping) feeds the Fisher.
             self.hypergrad.record_lower_gradient(grads)
+            pretext_norm = tuple_norm(grads).item()
             # The proximity gradient lambda (theta - phi) in closed form; phi is a constant here.
-            proximity = 0.0
+            proximity, pull = 0.0, 0.0
             if lam:  # decoupled: phi is not even read
                 diff = torch._foreach_sub(pairs.lower, pairs.upper)
-                proximity = 0.5 * lam * tuple_norm(diff).item() ** 2
+                distance = tuple_norm(diff).item()
+                proximity, pull = 0.5 * lam * distance**2, lam * distance
                 torch._foreach_add_(grads, diff, alpha=lam)
+            # How strongly phi pulls theta against the pretext task: ~1 means they balance.
+            self._coupling.append(pull / pretext_norm if pretext_norm > 0 else math.inf)
         self.clip_and_check(self.lower_params, self.cfg.BISSL.LOWER.CLIP_GRAD_NORM, "lower", step)
         self.lower_optimizer.step()
         self.lower_scheduler.step()

@@ -31,6 +31,10 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     ),
     "upper_loss_on_theta": ("downstream loss at theta", "expected near upper_loss"),
     "theta_phi_distance": ("||theta - phi|| (L2 over backbone tensors)", "bounded by lambda"),
+    "coupling_ratio": (
+        "lambda ||theta - phi|| / ||grad L_P||",
+        "<< 1: the pretext task drives theta; ~1: phi's pull balances it",
+    ),
     "hypergrad_iterations": ("solver iterations", "<= BISSL.HYPERGRAD.MAX_ITER"),
     "hypergrad_rel_residual_max": ("max over the stage of ||A x - g|| / ||g||", "good: < 1e-2"),
     "hypergrad_rel_residual": ("||A x - g|| / ||g||", "good: < 1e-2"),
@@ -83,7 +87,10 @@ BISSL_PLOTS: PlotTable = {
             "hypergrad_eig_max",
         ],
     ),
-    "theta_phi_distance.png": ("||theta - phi|| per stage", ["theta_phi_distance"]),
+    "theta_phi_distance.png": (
+        "||theta - phi|| and the coupling per stage",
+        ["theta_phi_distance", "coupling_ratio"],
+    ),
     "lr.png": ("Learning rates", ["lr", "lr_lower"]),
 }
 PRETRAIN_PLOTS: PlotTable = {

@@ -103,4 +103,39 @@ def test_bissl_run_on_an_indefinite_system_warns_and_counts(in_demo_workdir, tmp
     # The console counts stages truthfully and gives an ETA from the first one.
     assert "stage 1/3:" in log and "ETA" in log
     assert "BiSSL stages: 3 in" in log and "Overall training speed" not in log
+    assert "coupling lambda|theta-phi|/|grad L_P|" in log
     assert "Upper level: nothing evaluated" in log
+
+
+def test_coupling_ratio_is_lambda_distance_over_the_pretext_gradient(in_demo_workdir, tmp_path):
+    """lambda ||theta - phi|| / ||grad L_P||: the distance before the step, the pretext gradient
+    alone (what the Fisher history receives), for a phi moved away from theta by hand."""
+    from bissl_det.bilevel import tuple_norm
+    from bissl_det.data.build import build_pretext_loader
+    from bissl_det.engine import BilevelTrainer
+    from tests.conftest import tiny_config
+
+    import torch
+
+    cfg = tiny_config(TINY_C4, tmp_path, "BISSL.LAMBDA", "0.5")
+    trainer = BilevelTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer._pretext_iter = iter(build_pretext_loader(cfg, cfg.BISSL.LOWER.IMS_PER_BATCH))
+    pairs = trainer.model.backbone_pairs
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pairs.upper:
+            p.add_(0.01 * torch.randn_like(p))
+        distance = tuple_norm(torch._foreach_sub(pairs.lower, pairs.upper)).item()
+    pretext_norms = []
+    record = trainer.hypergrad.record_lower_gradient
+
+    def spy(grads):
+        pretext_norms.append(tuple_norm(tuple(grads)).item())
+        record(grads)
+
+    trainer.hypergrad.record_lower_gradient = spy
+    trainer._coupling = []
+    trainer.lower_step(0)
+    assert distance > 0 and pretext_norms[0] > 0
+    assert trainer._coupling == [pytest.approx(0.5 * distance / pretext_norms[0], rel=1e-6)]
