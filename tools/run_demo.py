@@ -12,9 +12,9 @@
 Writes output/demo/report.json and output/demo/plots/*.png, prints the side-by-side table.
 Every step is a real tool run; KEY VALUE arguments after ``--`` go to every step.
 
-SIGTERM, SIGINT and SIGUSR1 are forwarded to the running tool, which checkpoints and exits
-(engine/signals.py); the demo then exits non-zero (the tool's code, 75 when it checkpointed), and
-``--resume`` continues every step from its checkpoint.
+SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 are forwarded to the running tool, which checkpoints and
+exits (engine/signals.py, the same forwarding as the launcher's); the demo then exits non-zero (the
+tool's code, 75 when it checkpointed), and ``--resume`` continues every step from its checkpoint.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from bissl_det.engine.signals import SignalForwarder
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick"
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def run(step: str, argv: list[str], log_dir: Path) -> float:
@@ -42,19 +43,12 @@ def run(step: str, argv: list[str], log_dir: Path) -> float:
     print(f"\n=== {step}: {' '.join(argv)}", flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    received: list[int] = []
-    with open(log_dir / f"{step}.log", "w") as log:
+    with open(log_dir / f"{step}.log", "w") as log, SignalForwarder() as forwarder:
         process = subprocess.Popen(
             [sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-
-        def forward(signum, frame) -> None:
-            received.append(signum)
-            if process.poll() is None:
-                process.send_signal(signum)
-
-        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+        forwarder.add([process.pid])
         try:
             for line in process.stdout:
                 log.write(line)
@@ -62,11 +56,10 @@ def run(step: str, argv: list[str], log_dir: Path) -> float:
                     print(line.rstrip()[-200:], flush=True)
             code = process.wait()
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             if process.poll() is None:  # this process failed: never leave the tool running
                 process.kill()
                 process.wait()
+    received = forwarder.received
     if received:
         name = signal.Signals(received[0]).name
         print(

@@ -15,6 +15,7 @@ import torch
 from detectron2.config import CfgNode
 from torch.utils.data import DataLoader
 
+from ..utils.preemption import ignore_in_workers
 from .catalog import dataset_dicts
 from .common import normalisation, per_process_batch
 from .pretext import (
@@ -94,7 +95,7 @@ def build_pretext_loader(
         pretext_image_paths(cfg), transform, cfg.BISSL.PRETEXT_DATA.MAX_BAD_FRACTION
     )
     batch = per_process_batch(total_batch, "pretext IMS_PER_BATCH")
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch,
         sampler=InfiniteSampler(len(dataset), seed=seed, start=start_batches * batch),
@@ -103,6 +104,7 @@ def build_pretext_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.BISSL.PRETEXT_DATA.NUM_WORKERS > 0,
     )
+    return ignore_in_workers(loader)  # the training process alone stops on a signal
 
 
 def pretext_batch_to_device(
@@ -125,7 +127,8 @@ def build_downstream_train_loader(
     cfg: CfgNode, total_batch: int, start_batches: int = 0, seed: int = 0
 ):
     """Endless loader of downstream batches: detection dicts or classification tensors."""
-    return downstream_task(cfg).build_train_loader(cfg, total_batch, start_batches, seed)
+    loader = downstream_task(cfg).build_train_loader(cfg, total_batch, start_batches, seed)
+    return ignore_in_workers(loader)
 
 
 def downstream_train_size(cfg: CfgNode) -> int:

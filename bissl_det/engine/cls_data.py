@@ -15,6 +15,7 @@ from ..data.classification import classification_transforms
 from ..data.common import normalisation, per_process_batch
 from ..data.pretext import InfiniteSampler
 from ..data.tasks import classification_dataset, collate_classification
+from ..utils.preemption import ignore_in_workers
 
 
 def check_classification_config(cfg: CfgNode, train_set: Dataset) -> None:
@@ -82,18 +83,19 @@ def eval_view(cfg: CfgNode, dataset: Dataset) -> Dataset:
 
 def build_cls_eval_loader(cfg: CfgNode, dataset: Dataset) -> DataLoader:
     """Finite, unshuffled loader at CLS.SOLVER.TEST_IMS_PER_BATCH."""
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=cfg.CLS.SOLVER.TEST_IMS_PER_BATCH,
         num_workers=cfg.CLS.NUM_WORKERS,
         collate_fn=collate_classification,
     )
+    return ignore_in_workers(loader)
 
 
 def build_cls_train_loader(cfg: CfgNode, dataset: Dataset, seed: int) -> DataLoader:
     """Endless augmented loader at CLS.SOLVER.IMS_PER_BATCH (seeded order, full batches)."""
     batch = per_process_batch(cfg.CLS.SOLVER.IMS_PER_BATCH, "CLS.SOLVER.IMS_PER_BATCH")
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch,
         sampler=InfiniteSampler(len(dataset), seed=seed),
@@ -102,6 +104,7 @@ def build_cls_train_loader(cfg: CfgNode, dataset: Dataset, seed: int) -> DataLoa
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
     )
+    return ignore_in_workers(loader)
 
 
 def training_iters(cfg: CfgNode, num_images: int) -> int:

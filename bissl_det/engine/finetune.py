@@ -14,6 +14,7 @@ from ..checkpoint.verify import verify_backbone_loaded
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics
 from ..modeling.sync_bn import use_float32_sync_bn_statistics
 from ..utils.plots import FINETUNE_PLOTS
+from ..utils.preemption import ignore_in_workers
 from .checkpointer import AtomicCheckpointer
 from .faults import FaultChecks
 from .hooks import PlotMetrics
@@ -36,6 +37,14 @@ class FinetuneTrainer(FaultChecks, DefaultTrainer):
         model = super().build_model(cfg)
         use_float32_sync_bn_statistics(model)  # naiveSyncBN statistics in fp32 under autocast
         return model
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return ignore_in_workers(super().build_train_loader(cfg))  # signals: the trainer stops
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return ignore_in_workers(super().build_test_loader(cfg, dataset_name))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

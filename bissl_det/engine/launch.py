@@ -3,16 +3,18 @@
 On a CPU-only machine ``--num-gpus N`` means N gloo processes, so multi-process behaviour
 (all-reduces, gathers, sharded samplers) can be run and tested anywhere with the same scripts.
 
-Signals (engine/signals.py): the launcher forwards SIGTERM, SIGINT and SIGUSR1 to its worker
-processes (a scheduler or ``kill`` may signal the launcher only); the workers stop at the same
-step with a checkpoint and exit with EXIT_INTERRUPTED, and :func:`launch` raises
-TrainingInterrupted; :func:`launch_from_args` turns it into that exit code.
+Signals (engine/signals.py): the launcher forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to its
+worker processes (a scheduler or ``kill`` may signal the launcher only; a signal that reaches
+every process, as Slurm's do, arrives twice, which changes nothing); the workers stop at the
+same step with a checkpoint and exit with EXIT_INTERRUPTED, and :func:`launch` raises
+TrainingInterrupted; :func:`launch_from_args` turns it into that exit code. A worker that a
+signal ended before it could handle it (while it was starting) counts as interrupted too.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -26,9 +28,10 @@ from detectron2.utils import comm
 from .signals import (
     EXIT_INTERRUPTED,
     INTERRUPT_SIGNALS,
+    SignalForwarder,
     TrainingInterrupted,
-    handling,
     interrupt_immediately,
+    signal_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,17 +70,8 @@ def launch(
         if num_machines != 1:
             raise ValueError("--dist-url auto only works on one machine: give tcp://HOST:PORT")
         dist_url = free_local_url()
-    workers: list = []
-    pending: list[int] = []
-
-    def forward(signum, frame) -> None:
-        if not workers:  # still starting: replayed once they exist
-            pending.append(signum)
-        for process in workers:
-            if process.is_alive():
-                os.kill(process.pid, signum)
-
-    with handling(INTERRUPT_SIGNALS, forward):
+    with SignalForwarder() as forwarder:
+        start_resource_tracker()
         context = mp.start_processes(
             _worker,
             nprocs=num_gpus_per_machine,
@@ -94,9 +88,7 @@ def launch(
             start_method="spawn",
             join=False,
         )
-        workers.extend(context.processes)
-        for signum in pending:  # arrived while the workers were starting
-            forward(signum, None)
+        forwarder.add(p.pid for p in context.processes)
         try:
             while not context.join(grace_period=GRACE_SECONDS):
                 pass
@@ -106,7 +98,30 @@ def launch(
                     f"worker {e.error_index} was interrupted (exit {EXIT_INTERRUPTED}); its log "
                     "names the checkpoint; --resume continues"
                 ) from None
+            stopped_by = {signal_name(s) for s in INTERRUPT_SIGNALS} & {e.signal_name}
+            if forwarder.received and stopped_by:
+                raise TrainingInterrupted(
+                    f"worker {e.error_index} was ended by {e.signal_name} before it handled "
+                    "signals (starting up): --resume continues from the last checkpoint"
+                ) from None
             raise
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (spawn uses it) with SIGUSR1/SIGUSR2 blocked.
+
+    The tracker ignores SIGINT and SIGTERM itself, but a job-wide SIGUSR1/SIGUSR2 (Slurm's
+    ``--signal``) would kill it: it restarts, forgets what it tracked and prints KeyErrors. A
+    blocked signal stays pending for good: it never reaches the tracker.
+    """
+    from multiprocessing import resource_tracker
+
+    warnings = {signal.SIGUSR1, signal.SIGUSR2}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, warnings)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _worker(

@@ -22,6 +22,7 @@ from ..config_checks import (
 )
 from ..data.build import check_num_classes
 from ..data.detection import register_from_config
+from .hypergrad import check_hypergrad_config
 from .logs import setup_run_logging
 from .run_identity import check_run_identity, running_script
 from .run_lock import lock_output_dir, remove_stray_temp_files
@@ -74,15 +75,18 @@ def running_tool() -> str | None:
     return name if name in TOOL_BATCHES else None
 
 
-def setup(args, tool: str | None = None) -> CfgNode:
-    """The ``setup(args)`` of every tool (``args`` from detectron2's default_argument_parser).
+def checked_config(
+    args, tool: str | None = None, world_size: int | None = None
+) -> tuple[CfgNode, ConfigOrigins]:
+    """Every check :func:`setup` makes before it writes anything; the config, not frozen.
 
-    Before anything is written: the config's values, the data sets, and ``tool``'s batch sizes
-    against the data and processes (``tool``: a key of TOOL_BATCHES, default the running
-    script's name). Then rank 0 takes OUTPUT_DIR's lock (a second run there is refused) and
-    removes temporary files that an interrupted write left.
+    The config's values (BISSL.HYPERGRAD's combination too), the data sets (registered and
+    validated), the number of classes, and ``tool``'s batch sizes against the data and
+    ``world_size`` processes (default: this run's).
+    ``tools/submit.py`` runs it before submitting a job, with the job's process count.
     """
     cfg, origins = _load_config(args.config_file, args.opts)
+    check_hypergrad_config(cfg.BISSL.HYPERGRAD)  # before the data: it is cheaper
     tool = tool or running_tool()
     # A tool that draws no pretext batch does not need BISSL.PRETEXT_DATA's sets (a fine-tuning
     # config may inherit the demo's from its _BASE_).
@@ -90,7 +94,20 @@ def setup(args, tool: str | None = None) -> CfgNode:
     register_from_config(cfg, origins, pretext)
     check_num_classes(cfg)
     if tool and not getattr(args, "eval_only", False):
-        check_batch_sizes(cfg, origins, tool, comm.get_world_size())
+        world_size = comm.get_world_size() if world_size is None else world_size
+        check_batch_sizes(cfg, origins, tool, world_size)
+    return cfg, origins
+
+
+def setup(args, tool: str | None = None) -> CfgNode:
+    """The ``setup(args)`` of every tool (``args`` from detectron2's default_argument_parser).
+
+    Before anything is written: :func:`checked_config` (the config's values, the data sets, and
+    ``tool``'s batch sizes against the data and processes; ``tool``: a key of TOOL_BATCHES,
+    default the running script's name). Then rank 0 takes OUTPUT_DIR's lock (a second run
+    there is refused) and removes temporary files that an interrupted write left.
+    """
+    cfg, _ = checked_config(args, tool)
     cfg.freeze()
     check_output_dir(cfg.OUTPUT_DIR)
     if comm.is_main_process():

@@ -1,4 +1,4 @@
-"""Interruptions are safe: SIGTERM, SIGINT and SIGUSR1 stop a run at a step boundary, resumably.
+"""Interruptions are safe: SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 stop a run at a step boundary.
 
 * Inside a training loop, :class:`GracefulInterrupt` (a hook of every trainer) turns
   the signal into a flag; after the current step (all processes agree on the step) it writes
@@ -9,8 +9,22 @@
   ``--resume`` continues from the last checkpoint (or starts over).
 
 The tools exit with :data:`EXIT_INTERRUPTED` (75, ``EX_TEMPFAIL`` of sysexits.h: "try again")
-after an interruption: never 0, and distinct from a failure's 1. SIGUSR1 is the signal Slurm can
-send before a time limit or preemption (``sbatch --signal=USR1@120``).
+after an interruption: never 0, and distinct from a failure's 1.
+
+A whole process tree is signalled at once on a cluster: Slurm's ``--signal=USR2@...`` (what
+submitit asks for) and the SIGTERM at the time limit or on preemption reach every process of
+the job step, and a terminal's Ctrl-C every process of its group. So:
+
+* every process of a tool handles the same :data:`INTERRUPT_SIGNALS` (SIGUSR2 included: its
+  default action would kill a process before the checkpoint); SIGCONT, which Slurm sends
+  with SIGTERM, does nothing;
+* DataLoader workers ignore them (:func:`bissl_det.utils.preemption.ignore_in_workers`, and
+  forked children do not act on inherited handlers, :func:`handling`): only the training
+  processes decide, at a step boundary; a worker ends when its parent does;
+* parents that start processes (the launcher, ``tools/run_demo.py``) forward the signals with
+  :class:`SignalForwarder`, for schedulers that signal the parent only;
+* a second signal while a stop is under way (SIGUSR2 then SIGTERM) changes nothing: the
+  first one's checkpoint is written and the process exits with 75.
 """
 
 from __future__ import annotations
@@ -19,17 +33,20 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 
+from ..utils.preemption import INTERRUPT_SIGNALS
+
 logger = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 75
-INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# TrainingInterrupted instances created in this process: a stop under way ignores more signals.
+_stops_started = 0
 
 
 class TrainingInterrupted(BaseException):  # noqa: N818  (a stop request, like KeyboardInterrupt)
@@ -44,8 +61,10 @@ class TrainingInterrupted(BaseException):  # noqa: N818  (a stop request, like K
     """
 
     def __init__(self, message: str, checkpoint: str | None = None):
+        global _stops_started
         super().__init__(message)
         self.checkpoint = checkpoint
+        _stops_started += 1
 
 
 def signal_name(signum: int) -> str:
@@ -73,16 +92,66 @@ def handling(signals: Sequence[int], handler) -> Iterator[None]:
             signal.signal(s, old if old is not None else signal.SIG_DFL)
 
 
-def _raise_now(signum, frame) -> None:
-    raise TrainingInterrupted(
-        f"interrupted by {signal_name(signum)} outside a training step: no checkpoint was "
-        "written; --resume continues from the last one"
-    )
-
-
 def interrupt_immediately(signals: Sequence[int] = INTERRUPT_SIGNALS):
-    """Context manager: ``signals`` raise :class:`TrainingInterrupted` at once (tools' default)."""
-    return handling(signals, _raise_now)
+    """Context manager: ``signals`` raise :class:`TrainingInterrupted` at once (tools' default).
+
+    Once a stop is under way in this process (a TrainingInterrupted was raised since entering,
+    here or by :class:`GracefulInterrupt`), further signals are only logged: raising again
+    would replace the stop, in the middle of its clean-up, by an unhandled exception.
+    """
+    entered = _stops_started
+
+    def raise_now(signum, frame) -> None:
+        if _stops_started != entered:
+            logger.info("%s received while stopping: ignored", signal_name(signum))
+            return
+        raise TrainingInterrupted(
+            f"interrupted by {signal_name(signum)} outside a training step: no checkpoint was "
+            "written; --resume continues from the last one"
+        )
+
+    return handling(signals, raise_now)
+
+
+class SignalForwarder:
+    """Forward ``signals`` received by this process to child processes (by pid).
+
+    For a parent that starts the processes doing the work (the launcher's workers, a demo's
+    tool): a scheduler or ``kill`` may signal the parent only. Signals that arrive before a
+    child is added are sent to it when it is (:meth:`add`). Use as a context manager: the
+    handlers are installed on entry and restored on exit. ``received`` lists the signals.
+    """
+
+    def __init__(self, signals: Sequence[int] = INTERRUPT_SIGNALS):
+        self.signals = tuple(signals)
+        self.received: list[int] = []
+        self._pids: list[int] = []
+        self._handlers: contextlib.ExitStack | None = None
+
+    def add(self, pids: Iterable[int]) -> None:
+        """Forward to ``pids`` from now on; replay the signals received so far to them."""
+        pids = list(pids)
+        self._pids.extend(pids)
+        for signum in self.received:
+            _send(pids, signum)
+
+    def _forward(self, signum, frame) -> None:
+        self.received.append(signum)
+        _send(self._pids, signum)
+
+    def __enter__(self) -> SignalForwarder:
+        self._handlers = contextlib.ExitStack()
+        self._handlers.enter_context(handling(self.signals, self._forward))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handlers.close()
+
+
+def _send(pids: Iterable[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # already ended
+            os.kill(pid, signum)
 
 
 class GracefulInterrupt(HookBase):

@@ -15,6 +15,7 @@ from detectron2.evaluation import (
 )
 
 from ..compat import has_compiled_ops
+from ..utils.preemption import ignore_in_workers
 from .classification import mean_per_class_accuracy, top1_accuracy, voc07_map
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def evaluate_downstream(cfg: CfgNode, model: torch.nn.Module) -> OrderedDict:
     task = downstream_task(cfg)
     results = OrderedDict()
     for name, loader in task.build_test_loaders(cfg).items():
-        metrics = task.evaluate(cfg, model, name, loader)
+        metrics = task.evaluate(cfg, model, name, ignore_in_workers(loader))
         if metrics is not None:
             results[name] = metrics
             logger.info("%s: %s", name, metrics)

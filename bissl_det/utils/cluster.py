@@ -10,17 +10,26 @@ second, submitit-specific process-group set-up next to the launcher.
 Signals, in the order they act:
 
 1. Before the time limit, and on preemption, Slurm sends submitit's signal (SIGUSR2, from
-   ``--signal=USR2@<signal delay>``) to the task on each node. On node 0, submitit calls
+   ``--signal=USR2@<signal delay>``) to every process of the job step: the submitit task,
+   the tool's launcher, its workers and their data-loader workers. On node 0, submitit calls
    :meth:`ToolJob.checkpoint`: it sends SIGUSR1 to the tool, whose launcher forwards it to
-   the workers; they stop together after the current step, write ``model_<iter>.pth`` and
-   exit with 75 (``bissl_det.engine.signals``). ``checkpoint`` waits for that (at most the
-   signal delay minus a margin), then returns this job with ``--resume`` added, and submitit
-   requeues it. Other nodes' tasks do nothing: node 0's workers make every worker stop.
+   the workers; they (which got the SIGUSR2 themselves too) stop together after the current
+   step, write ``model_<iter>.pth`` and exit with 75 (``bissl_det.engine.signals``); loader
+   workers ignore the signals (``bissl_det.utils.preemption``). ``checkpoint`` waits for that
+   (at most the signal delay minus a margin), then returns this job with ``--resume`` added,
+   and submitit requeues it. Other nodes' tasks do nothing: every worker stops at the step
+   all of them agree on.
 2. SIGTERM and SIGCONT to a task are only logged by submitit (it waits for its own signal);
-   the tool processes stop cleanly on a SIGTERM that reaches them too.
+   the tool processes stop cleanly on a SIGTERM that reaches them too, and a SIGTERM after
+   the SIGUSR2 changes nothing (the first signal's checkpoint is written).
 3. A requeued job starts the tool again with ``--resume``: it continues from that checkpoint.
 
-SIGUSR1 belongs to the tools and SIGUSR2 to submitit: keep ``SUBMITIT_PREEMPT_SIGNAL`` unset.
+Keep ``SUBMITIT_PREEMPT_SIGNAL`` unset: submitit's SIGUSR2 is also one the tools handle.
+
+Resources (:func:`default_resources`): one task per node gets ``--cpus-per-task`` = GPUs per
+node x (loader workers per process + 1) and ``--mem`` = GPUs per node x (MEM_GB_PER_PROCESS +
+MEM_GB_PER_LOADER_WORKER x loader workers), the loader workers read from the config;
+``tools/submit.py --cpus-per-task / --mem`` override them.
 """
 
 from __future__ import annotations
@@ -55,8 +64,18 @@ def tool_path(tool: str) -> Path:
     return path
 
 
-def job_port(job_id: str, base: int = 20000, span: int = 20000) -> int:
-    """A rendezvous port from the job id: two jobs sharing node 0 do not pick the same one."""
+# Rendezvous ports: below Linux's ephemeral range (32768-60999, which the OS hands out to
+# outgoing connections, so a port there may be taken at any time), above the common services
+# (< 10000), and away from torchrun's default 29500.
+PORT_BASE, PORT_SPAN = 17000, 10000
+# Memory per node (GB) per training process and per data-loader worker of it.
+MEM_GB_PER_PROCESS = 8
+MEM_GB_PER_LOADER_WORKER = 2
+
+
+def job_port(job_id: str, base: int = PORT_BASE, span: int = PORT_SPAN) -> int:
+    """A rendezvous port from the job id (17000-26999): two jobs sharing node 0 do not pick the
+    same one, and none falls in the ephemeral range."""
     number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
     return base + number % span
 
@@ -155,6 +174,29 @@ class ToolJob:
         state = dict(self.__dict__)
         state["_process"] = None  # a process handle does not travel to the requeued job
         return state
+
+
+def loader_workers(cfg, tool: str) -> int:
+    """Data-loader worker processes per training process of ``tool`` with ``cfg``."""
+    pretext = cfg.BISSL.PRETEXT_DATA.NUM_WORKERS
+    downstream = cfg.DATALOADER.NUM_WORKERS if cfg.DATASETS.TRAIN else cfg.CLS.NUM_WORKERS
+    per_tool = {
+        "train_bissl": pretext + downstream,  # both levels' loaders run at once
+        "pretrain_ssl": pretext,
+        "finetune_det": cfg.DATALOADER.NUM_WORKERS,
+        "eval_cls": cfg.CLS.NUM_WORKERS,
+    }
+    return per_tool.get(tool, 0)
+
+
+def default_resources(gpus_per_node: int, workers_per_process: int) -> dict[str, int]:
+    """``cpus_per_task`` and ``mem_gb`` of one task per node running ``gpus_per_node``
+    processes with ``workers_per_process`` loader workers each."""
+    return {
+        "cpus_per_task": gpus_per_node * (workers_per_process + 1),
+        "mem_gb": gpus_per_node
+        * (MEM_GB_PER_PROCESS + MEM_GB_PER_LOADER_WORKER * workers_per_process),
+    }
 
 
 def build_executor(

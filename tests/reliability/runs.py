@@ -37,11 +37,15 @@ def bissl_command(output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def start(command: list[str], cwd: Path) -> subprocess.Popen:
-    """Start ``command`` in the background; its stdout and stderr together in ``communicate()``."""
+def start(command: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    """Start ``command`` in the background; its stdout and stderr together in ``communicate()``.
+
+    ``new_session``: in a process group of its own (its pid is the group's id), as a job step.
+    """
     return subprocess.Popen(
-        command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=new_session,
+    )  # fmt: skip
 
 
 def run(command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:

@@ -65,6 +65,79 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(demo_workdir, tmp_path)
         assert_same_weights(out_a / name, out_b / name)
 
 
+# ---- A whole process tree signalled at once, as Slurm and a terminal do it --------------------
+
+# Two gloo processes, each with a detection loader worker (a deterministic mapping: no random
+# flip, one size, so that the resume is exact with workers); the spawned resource tracker too.
+TREE = ["--num-gpus", "2"]
+TREE_OPTS = [*ONLY_FINAL, "DATALOADER.NUM_WORKERS", "1", "INPUT.RANDOM_FLIP", "none"]
+
+
+def process_group(pgid: int) -> list[int]:
+    """The pids of process group ``pgid`` (field 5 of /proc/<pid>/stat)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        state, _, group = stat[stat.rindex(")") + 2 :].split()[:3]
+        if int(group) == pgid and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGUSR2, signal.SIGTERM), (signal.SIGTERM,)],
+    ids=["USR2-then-TERM", "TERM"],
+)
+def test_every_process_signalled_checkpoints_exits_75_and_resumes_exactly(
+    demo_workdir, tmp_path, signals
+):
+    out, ref_out = tmp_path / "interrupted", tmp_path / "uninterrupted"
+    ref = start(bissl_command(ref_out, *TREE) + TREE_OPTS, demo_workdir)
+    victim = start(bissl_command(out, *TREE) + TREE_OPTS, demo_workdir, new_session=True)
+    deadline = time.monotonic() + 300
+    metrics = out / "metrics.json"
+    while not (metrics.exists() and metrics.read_text().strip()):  # stage 0 is done
+        assert victim.poll() is None, victim.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no stage finished in time"
+        time.sleep(0.01)
+    tree = process_group(victim.pid)
+    # launcher, resource tracker, 2 workers, 1 loader worker each
+    assert len(tree) >= 6, tree
+    signalled = time.monotonic()
+    for signum in signals:
+        os.killpg(victim.pid, signum)  # every process of the group, as Slurm signals a step
+        time.sleep(0.2)
+    log, _ = victim.communicate(timeout=300)
+    seconds = time.monotonic() - signalled
+    assert victim.returncode == EXIT_INTERRUPTED, log[-3000:]
+    assert not process_group(victim.pid), "a process of the tree outlived it"
+    print(
+        f"{len(tree)} processes signalled {[s.name for s in signals]}: exit 75 in {seconds:.1f} s"
+    )
+    assert "Traceback" not in log and "killed by signal" not in log, log[-3000:]
+    tag = (out / "last_checkpoint").read_text().strip()
+    stopped = int(tag.removeprefix("model_").removesuffix(".pth"))
+    assert 0 <= stopped < STAGES - 1, f"stopped after stage {stopped}: make the run longer"
+    assert f"after iteration {stopped}: checkpoint" in (out / "log.txt").read_text()
+    assert not (out / "model_final.pth").exists()
+
+    resumed = run(bissl_command(out, *TREE, "--resume") + TREE_OPTS, demo_workdir, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    ref_log, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_log[-3000:]
+    assert f"Starting training from iteration {stopped + 1}" in (out / "log.txt").read_text()
+    for name in ("model_final.pth", "lower_backbone.pth"):
+        assert_same_weights(out / name, ref_out / name)
+
+
 # ---- The same path in process, for SIGUSR1 (Slurm's warning) and SIGINT (Ctrl-C) ---------------
 
 

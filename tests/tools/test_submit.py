@@ -31,7 +31,10 @@ def test_launch_flags_come_from_the_job():
         "--dist-url", f"tcp://node-a:{job_port('4242')}", "--config-file", "c.yaml", "SEED", "1",
     ]  # fmt: skip
     assert command[1].endswith("tools/train_bissl.py")
-    assert job_port("4242") == 20000 + 4242 and job_port("abc") == job_port("abc")
+    assert job_port("4242") == 17000 + 4242 and job_port("abc") == job_port("abc")
+    ports = [job_port(str(n)) for n in range(0, 100000, 7)] + [job_port("x" * 9)]
+    # Outside Linux's ephemeral ports (32768-60999), above the common services.
+    assert all(10000 < port < 32768 and port != 29500 for port in ports)
 
 
 def test_requeued_job_resumes_once_and_pickles_without_its_process():
@@ -107,3 +110,83 @@ def test_local_job_is_preempted_requeued_and_resumes(in_demo_workdir, tmp_path):
     # The interruption checkpointed a step before the end; the resumed run reached the end.
     steps = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
     assert steps[-1] == iters - 1 and min(steps) == 0
+
+
+# ---- Checked here, with the resources it needs, before anything is submitted -------------------
+
+TINY_BISSL = ["--config-file", str(CONFIGS / "quick" / "test_tiny_C4.yaml")]
+
+
+def _fake_slurm(bin_dir: Path, monkeypatch) -> None:
+    """``srun`` and ``sbatch`` on PATH: submitit writes the real sbatch file, nothing runs."""
+    bin_dir.mkdir()
+    for name, body in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def _sbatch_lines(jobs: Path) -> list[str]:
+    (script,) = jobs.rglob("*submission.sh")
+    return [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+
+
+@pytest.mark.parametrize("flags", [[], ["--skip-data-check"]], ids=["full", "values only"])
+def test_bad_config_exits_naming_the_key_and_submits_nothing(tmp_path, monkeypatch, flags):
+    _fake_slurm(tmp_path / "bin", monkeypatch)
+    jobs = tmp_path / "jobs"
+    argv = [
+        "train_bissl",
+        *TINY_BISSL,
+        "BISSL.HYPERGRAD.CURVATURE",
+        "hesian",
+        "--job-dir",
+        str(jobs),
+    ]
+    with pytest.raises(SystemExit, match="nothing was submitted") as err:
+        submit_main([*argv, "--cluster", "slurm", *flags])
+    assert "BISSL.HYPERGRAD.CURVATURE" in str(err.value) and "hesian" in str(err.value)
+    assert not jobs.exists() or not any(jobs.rglob("*"))
+
+
+def test_batch_sizes_are_checked_for_the_jobs_processes(in_demo_workdir, tmp_path, monkeypatch):
+    _fake_slurm(tmp_path / "bin", monkeypatch)
+    jobs = tmp_path / "jobs"
+    argv = ["train_bissl", *TINY_BISSL, "--gpus-per-node", "3", "--job-dir", str(jobs)]
+    with pytest.raises(SystemExit, match="BISSL.LOWER.IMS_PER_BATCH = 8 is not a multiple of 3"):
+        submit_main([*argv, "--cluster", "slurm"])
+    assert not jobs.exists() or not any(jobs.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "cpus", "mem"),
+    [([], 2 * (5 + 1), 2 * (8 + 2 * 5)), (["--cpus-per-task", "7", "--mem", "99"], 7, 99)],
+    ids=["defaults", "overridden"],
+)
+def test_sbatch_file_carries_cpus_and_memory(
+    in_demo_workdir, tmp_path, monkeypatch, flags, cpus, mem
+):
+    _fake_slurm(tmp_path / "bin", monkeypatch)
+    jobs = tmp_path / "jobs"
+    workers = ["DATALOADER.NUM_WORKERS", "2", "BISSL.PRETEXT_DATA.NUM_WORKERS", "3"]
+    workers += ["BISSL.UPPER.IMS_PER_BATCH", "4"]  # a multiple of 2 nodes x 2 GPUs
+    job = submit_main(
+        ["train_bissl", *TINY_BISSL, *workers, "--gpus-per-node", "2", "--nodes", "2",
+         "--cluster", "slurm", "--job-dir", str(jobs), *flags]
+    )  # fmt: skip
+    assert job.job_id == "4242"
+    lines = _sbatch_lines(jobs)
+    assert f"#SBATCH --cpus-per-task={cpus}" in lines
+    assert f"#SBATCH --mem={mem}GB" in lines
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=1" in lines
+    assert "#SBATCH --gpus-per-node=2" in lines and "#SBATCH --signal=USR2@180" in lines
+
+
+def test_local_executor_takes_the_same_parameters(tmp_path):
+    from bissl_det.utils.cluster import build_executor, default_resources
+
+    resources = default_resources(gpus_per_node=1, workers_per_process=4)
+    assert resources == {"cpus_per_task": 5, "mem_gb": 16}
+    executor = build_executor(str(tmp_path), 1, 1, 10, cluster="local", **resources)
+    assert executor._executor.parameters["cpus_per_task"] == 5
+    assert executor._executor.parameters["mem_gb"] == 16
