@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 
 from .signals import (
@@ -161,8 +162,15 @@ def _worker(
 def launch_from_args(main_func: Callable, args) -> None:
     """``launch(main_func, ...)`` with detectron2's default_argument_parser flags, main(args).
 
+    On one machine without ``--dist-url``, a free local port is used (``auto``).
+
     An interrupted run (signals.py) exits with EXIT_INTERRUPTED; run it again with --resume.
     """
+    dist_url = args.dist_url
+    if args.num_machines == 1 and dist_url == default_argument_parser().get_default("dist_url"):
+        # detectron2's default is one fixed port per user (in the ephemeral range): a second
+        # run on the same machine would fail with "address already in use".
+        dist_url = "auto"
     try:
         with interrupt_immediately():
             launch(
@@ -170,7 +178,7 @@ def launch_from_args(main_func: Callable, args) -> None:
                 args.num_gpus,
                 num_machines=args.num_machines,
                 machine_rank=args.machine_rank,
-                dist_url=args.dist_url,
+                dist_url=dist_url,
                 args=(args,),
             )
     except TrainingInterrupted as e:
