@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,14 @@ class RitzInfo:
 
 
 def _lanczos(
-    matvec: MatVec, v0: TensorTuple, steps: int, basis: list[list[torch.Tensor]] | None, name: str
+    matvec: MatVec,
+    v0: TensorTuple,
+    steps: int,
+    basis: list[list[torch.Tensor]] | None,
+    name: str,
+    stop: Callable[[list[float], list[float]], bool] | None = None,
 ) -> tuple[list[float], list[float], bool]:
-    """Up to ``steps`` Lanczos steps from ``v0``.
+    """Up to ``steps`` Lanczos steps from ``v0`` (fewer once ``stop(alphas, betas)`` is true).
 
     Returns the diagonal ``alphas`` and the couplings ``betas`` of the tridiagonal ``T`` (the last
     beta couples to the next, unstored vector) and whether the Krylov space became invariant. With
@@ -101,9 +107,28 @@ def _lanczos(
             betas.append(beta)
             if beta <= tiny * scale:
                 return alphas, betas, True
+            if stop is not None and stop(alphas, betas):
+                return alphas, betas, False
             if step < steps:
                 q_prev, q = q, torch._foreach_div(w, beta)
     return alphas, betas, False
+
+
+def start_vector_residual(alphas: list[float], betas: list[float]) -> float:
+    """Relative residual of the basis solution of ``A x = v0``: ``beta_m |e_m^T T^-1 e_1|``.
+
+    For ``b = v0`` the basis answer is the CG (Galerkin) iterate ``x = ||v0|| V T^-1 e_1``, and
+    the Lanczos relation gives its residual ``||v0|| beta_m |(T^-1 e_1)_m|`` without a product.
+    A singular ``T`` (an indefinite ``A``) gives inf.
+    """
+    t, _, _ = _ritz(alphas, betas)
+    e1 = torch.zeros(len(alphas), dtype=torch.float64)
+    e1[0] = 1.0
+    try:
+        y = torch.linalg.solve(t, e1)
+    except RuntimeError:  # singular T
+        return math.inf
+    return abs(betas[-1] * y[-1].item())
 
 
 def _ritz(
@@ -173,16 +198,21 @@ class LanczosBasis:
         self.products = len(alphas)
 
     @classmethod
-    def build(cls, matvec: MatVec, v0: TensorTuple, size: int) -> LanczosBasis:
+    def build(cls, matvec: MatVec, v0: TensorTuple, size: int, tol: float = 0.0) -> LanczosBasis:
         """Run ``size`` Lanczos steps from ``v0`` (fewer if its Krylov space is invariant sooner).
 
         Args:
             matvec: ``v -> A v`` (``A`` symmetric), kept for the solves' CG corrections.
             v0: Nonzero start vector, e.g. the stage's first right-hand side.
-            size: Basis size (= products); 5..20 is typical.
+            size: Basis size (= products); 5..20 is typical. With ``tol`` the cap.
+            tol: > 0: grow the basis only until the free residual estimate of ``A x = v0``
+                (:func:`start_vector_residual`) is ``<= tol``, at most ``size`` vectors.
         """
+        if tol < 0:
+            raise ValueError(f"LanczosBasis.build: tol must be >= 0, got {tol}")
+        stop = (lambda a, b: start_vector_residual(a, b) <= tol) if tol > 0 else None
         vectors: list[list[torch.Tensor]] = []
-        alphas, betas, _ = _lanczos(matvec, v0, size, vectors, "LanczosBasis.build")
+        alphas, betas, _ = _lanczos(matvec, v0, size, vectors, "LanczosBasis.build", stop)
         return cls(matvec, vectors, alphas, betas)
 
     @property

@@ -173,3 +173,35 @@ def test_bad_input_release_and_non_finite():
     with pytest.raises(RuntimeError, match="released"):
         basis.solve(random_tuple())
     torch.testing.assert_close(basis.ritz_values, ritz)
+
+
+BIG = [(40,), (20, 2)]  # 80 unknowns: room for the basis to stop well before the cap
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-7])
+def test_adaptive_basis_grows_until_its_free_estimate_meets_tol(tol):
+    """Against linalg.solve on an explicit SPD matrix (condition 100): the basis stops at the
+    first size whose start-vector residual is <= tol, below the cap, and the solution is there."""
+    a = symmetric(torch.logspace(-1, 1, 80, dtype=torch.float64), seed=31)
+    b = random_tuple(32, shapes=BIG)
+    basis = LanczosBasis.build(as_matvec(a, shapes=BIG), b, size=80, tol=tol)
+    assert basis.products == basis.size < 80
+    x, info = basis.solve(b, check_residual=True)
+    exact = torch.linalg.solve(a, flatten(b))
+    b_norm = torch.linalg.norm(flatten(b)).item()
+    assert true_norm(a, x, b) / b_norm <= tol * (1 + 1e-6)
+    # The residual bounds the error: ||x - x*|| <= ||A^-1|| ||r|| = 10 ||r||.
+    error = torch.linalg.norm(flatten(x) - exact).item()
+    assert error <= 10 * tol * b_norm * (1 + 1e-6)
+    # Minimal: one vector fewer does not meet tol.
+    smaller = LanczosBasis.build(as_matvec(a, shapes=BIG), b, size=basis.size - 1)
+    y, _ = smaller.solve(b)
+    assert true_norm(a, y, b) / b_norm > tol
+
+
+def test_adaptive_basis_respects_the_cap_and_refuses_negative_tol():
+    a = symmetric(torch.logspace(-2, 2, 80, dtype=torch.float64), seed=33)  # condition 1e4
+    b = random_tuple(34, shapes=BIG)
+    assert LanczosBasis.build(as_matvec(a, shapes=BIG), b, size=6, tol=1e-12).size == 6
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        LanczosBasis.build(as_matvec(a, shapes=BIG), b, size=6, tol=-1.0)
