@@ -105,6 +105,10 @@ def add_bissl_config(cfg: CN) -> CN:
     # first-order passes, not the retained graph the Hessian products need, which was the
     # upper step's peak in benchmarks/ (no saving there); upper step 1.2-1.5x slower.
     _C.BISSL.ACTIVATION_CHECKPOINTING = False
+    # At start-up on CUDA, the stage's peak memory estimate (engine/memory_plan.py) against the
+    # device: "refuse" (stop before the head warm-up, naming the largest batch that fits),
+    # "warn", or "off".
+    _C.BISSL.MEMORY_PLAN = "refuse"
 
     _C.BISSL.HYPERGRAD = CN()
     # The matrix C of the implicit-gradient system (I + C / (LAMBDA + DAMPING)) x = g, built once

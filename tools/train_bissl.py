@@ -14,11 +14,13 @@ from pathlib import Path
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.launch import launch_from_args
+from bissl_det.engine.memory_plan import check_stage_memory, plan_stage_memory
 from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now, write_results
 
+import torch
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 
@@ -52,6 +54,18 @@ def evaluation_plan(cfg, asked: bool) -> str:
     return f"none (pass --evaluate or TEST.EVAL_PERIOD N for {what})"
 
 
+def check_memory(cfg, trainer) -> None:
+    """On CUDA, refuse (or warn about) a stage that cannot fit, before any long work."""
+    mode = cfg.BISSL.MEMORY_PLAN
+    if mode not in ("refuse", "warn", "off"):
+        raise ValueError(f"BISSL.MEMORY_PLAN = {mode!r}: valid values are 'refuse', 'warn', 'off'")
+    if mode == "off" or trainer.device.type != "cuda":
+        return
+    plan = plan_stage_memory(cfg, trainer.model, comm.get_world_size())
+    total = torch.cuda.get_device_properties(trainer.device).total_memory
+    logger.info(check_stage_memory(plan, total, refuse=mode == "refuse"))
+
+
 def main(args):
     start = utc_now()
     cfg = setup(args)
@@ -62,6 +76,8 @@ def main(args):
     logger.info("Evaluation: %s", plan)
     trainer = BilevelTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if not args.eval_only:
+        check_memory(cfg, trainer)
     if args.eval_only:
         results = trainer.evaluate()
     else:
