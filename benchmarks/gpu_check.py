@@ -1,21 +1,32 @@
-"""``make gpu-check``: what only a GPU can check, in under 8 minutes on one device.
+"""``make gpu-check``: what only a GPU can check, in under 8 minutes on one H100-class device.
 
 Steps (each a subprocess with its own timeout; a failing step does not stop the others, but makes
 the exit status non-zero; ``benchmarks/results/gpu_check.json`` is rewritten after every step):
 
 1. ``tests``: the tests that use CUDA (pytest marker ``gpu``);
-2. ``stage``: one full-size R50-C4 BiSSL stage (full-width ResNet-50, SimCLR, pretext batch 256 at
-   96 px, detection batch 2 at 800 px, N_L = 20, N_U = 8, the default estimator), twice; seconds,
-   peak memory and the stage's solver diagnostics;
-3. ``bench_bilevel``: ``benchmarks/bench_bilevel.py --device cuda`` at GPU sizes;
-4. ``bench_hypergrad``: ``benchmarks/bench_hypergrad.py --device cuda`` (full preset).
+2. ``data``: ``benchmarks/bench_data.py --quick --threads 1``: the pretext loader's images/s per
+   core at 96 and 224 px on this machine's CPU, and the workers per GPU it needs;
+3. ``stage``: one full-size R50-C4 BiSSL stage (full-width ResNet-50, SimCLR, pretext batch 256 at
+   96 px, detection batch 2 at 800 px, N_L = 20, N_U = 8, the default estimator), twice; then a
+   plain pretext step (P) and a plain downstream step (D): stage / (N_L P + N_U D); the memory
+   planner's estimate next to ``torch.cuda.max_memory_allocated``; the TF32 check (one curvature
+   product with TF32 on and off: relative difference and time);
+4. ``bench_bilevel``: ``benchmarks/bench_bilevel.py --device cuda`` at GPU sizes, detection only;
+5. ``bench_hypergrad``: ``benchmarks/bench_hypergrad.py --device cuda --quick``, detection only
+   (the full preset took 2,888 s on the CPU: it is a CPU benchmark).
 
-Without CUDA (or with ``--dry-run``) nothing heavy runs: the plan is printed, the stage step runs
-at a tiny size on the CPU (so its code cannot rot), and the exit status is 0 if that worked.
+Sizing: each timeout is about twice the step's expected time on one H100 (estimated from the
+number of passes and products at these sizes; no GPU run has confirmed it yet: each step's
+seconds are written to ``gpu_check.json``, compare them with the timeouts after the first run).
+
+At the end a summary prints the loader's images/s, the stage / plain-step ratio, peak memory
+against the planner and the TF32 check. Without CUDA (or with ``--dry-run``) nothing heavy runs:
+the plan is printed, the stage step runs at a tiny size on the CPU (so its code cannot rot), the
+summary is printed from it, and the exit status is 0 if that worked.
 
 Usage::
 
-    python benchmarks/gpu_check.py [--dry-run] [--steps tests,stage,bench_bilevel,bench_hypergrad]
+    python benchmarks/gpu_check.py [--dry-run] [--steps tests,data,stage,bench_bilevel,...]
 """
 
 from __future__ import annotations
@@ -33,7 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BUDGET_S = 470  # all steps together: under 8 minutes with start-up
-TIMEOUTS_S = {"tests": 60, "stage": 150, "bench_bilevel": 120, "bench_hypergrad": 150}
+# About twice each step's expected time on one H100 (module docstring).
+TIMEOUTS_S = {"tests": 60, "data": 40, "stage": 150, "bench_bilevel": 110, "bench_hypergrad": 110}
 FULL_STAGE = {
     "pretext_batch": 256,
     "crop_size": 96,
@@ -59,6 +71,15 @@ def step_commands(python: str) -> dict[str, list[str]]:
     bench = REPO / "benchmarks"
     return {
         "tests": [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+        "data": [
+            python,
+            str(bench / "bench_data.py"),
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(RESULTS / "gpu_check_data.json"),
+        ],
         "stage": [
             python,
             str(bench / "gpu_check.py"),
@@ -84,6 +105,10 @@ def step_commands(python: str) -> dict[str, list[str]]:
             "64",
             "--rois-per-image",
             "128",
+            "--models",
+            "det",
+            "--repeats",
+            "2",
             "--skip-options",
             "--out",
             str(RESULTS / "gpu_r50.json"),
@@ -93,8 +118,11 @@ def step_commands(python: str) -> dict[str, list[str]]:
             str(bench / "bench_hypergrad.py"),
             "--device",
             "cuda",
+            "--quick",
+            "--models",
+            "det",
             "--out",
-            str(RESULTS / "hypergrad_full_cuda.json"),
+            str(RESULTS / "hypergrad_quick_cuda.json"),
         ],
     }
 
@@ -107,6 +135,7 @@ def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bissl_det.config import add_bissl_config
     from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
+    from bissl_det.engine.memory_plan import plan_stage_memory
     from bissl_det.engine.trainer import BilevelTrainer
 
     import bench_bilevel as bb
@@ -140,6 +169,9 @@ def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
             build_downstream_train_loader(cfg, sizes["det_batch"], 0, 1)
         )
         dev = torch.device(device)
+        plan = plan_stage_memory(cfg, trainer.model)
+        result["plan_peak_gib"] = plan.peak_bytes / 2**30
+        result["plan_parts_gib"] = {k: v / 2**30 for k, v in plan.parts.items()}
         seconds = []
         with EventStorage(0) as trainer.storage:
             for _ in range(2):
@@ -151,11 +183,16 @@ def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
                 bb.synchronize(dev)
                 seconds.append(time.perf_counter() - start)
             latest = {k: v[0] for k, v in trainer.storage.latest().items()}
+            if dev.type == "cuda":
+                result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                result["gpu"] = torch.cuda.get_device_name(dev)
+            result["plain_s"] = plain_steps(trainer, dev, bb.synchronize)
+            result["tf32_check"] = tf32_check(trainer, dev, bb.synchronize)
         result["stage_s"] = seconds
         result["metrics"] = latest
-        if dev.type == "cuda":
-            result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            result["gpu"] = torch.cuda.get_device_name(dev)
+        n_l, n_u = sizes["lower_steps"], sizes["upper_steps"]
+        plain = n_l * result["plain_s"]["pretext"] + n_u * result["plain_s"]["downstream"]
+        result["stage_over_plain_steps"] = seconds[-1] / plain
     bad = {k: v for k, v in latest.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         raise FloatingPointError(f"stage metrics not finite: {bad}")
@@ -163,6 +200,109 @@ def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps(result, default=str))
     return result
+
+
+def _timed(fn, dev, synchronize, repeats: int = 3) -> float:
+    """Median seconds of ``fn`` after one warm-up call."""
+    times = []
+    for _ in range(repeats + 1):
+        synchronize(dev)
+        start = time.perf_counter()
+        fn()
+        synchronize(dev)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def plain_steps(trainer, dev, synchronize) -> dict:
+    """Seconds of a plain pretext step (P: batch, forward, backward, LARS) and of a plain
+    downstream step (D: batch, forward, backward, SGD): the floor of a stage is N_L P + N_U D."""
+    model = trainer.model
+
+    def pretext() -> None:
+        trainer.lower_optimizer.zero_grad(set_to_none=True)
+        model.pretext_loss(*trainer.next_pretext_batch()).backward()
+        trainer.lower_optimizer.step()
+
+    def downstream() -> None:
+        trainer.upper_optimizer.zero_grad(set_to_none=True)
+        sum(model.downstream_losses(trainer.next_downstream_batch()).values()).backward()
+        trainer.upper_optimizer.step()
+
+    return {
+        "pretext": _timed(pretext, dev, synchronize),
+        "downstream": _timed(downstream, dev, synchronize),
+    }
+
+
+def tf32_check(trainer, dev, synchronize) -> dict:
+    """One curvature product with TF32 allowed and forbidden (BISSL.HYPERGRAD.ALLOW_TF32): the
+    relative difference, the float32 repeat's (non-determinism) and the time ratio. On a CPU
+    TF32 does not exist: both differences are rounding noise."""
+    from bissl_det.bilevel import tuple_norm
+    from bissl_det.utils.precision import tf32
+
+    import torch
+
+    with tf32(False):
+        system = trainer.stage_system()
+    try:
+        generator = torch.Generator().manual_seed(0)
+        v = tuple(torch.randn(p.shape, generator=generator).to(p) for p in system.curvature.params)
+        products, seconds = {}, {}
+        for name, allowed in (("fp32", False), ("fp32_again", False), ("tf32", True)):
+            with tf32(allowed):
+                seconds[name] = _timed(lambda: system.curvature.matvec(v), dev, synchronize, 1)
+                products[name] = system.curvature.matvec(v)
+    finally:
+        system.release()
+    norm = tuple_norm(products["fp32"]).item()
+
+    def rel(name: str) -> float:
+        diff = torch._foreach_sub(products[name], products["fp32"])
+        return tuple_norm(tuple(diff)).item() / norm
+
+    return {
+        "tf32_rel_diff": rel("tf32"),
+        "fp32_repeat_rel_diff": rel("fp32_again"),
+        "tf32_over_fp32_time": seconds["tf32"] / seconds["fp32"],
+        "product_s": seconds,
+    }
+
+
+def summary_lines(data: dict | None, stage: dict | None) -> list[str]:
+    """The figures a GPU run is for, one line each."""
+    lines = []
+    if data:
+        for crop, rate in data["images_per_s_per_core"].items():
+            lines.append(
+                f"loader {crop} px: {rate['new']:.0f} images/s per core "
+                f"({data['speedup_per_core'][crop]:.2f}x the previous pipeline); workers per GPU "
+                f"for 256 images/step: {data['workers_per_gpu'][crop]}"
+            )
+    if stage:
+        lines.append(
+            f"stage: {stage['stage_s'][-1]:.2f} s; stage / (N_L P + N_U D) = "
+            f"{stage['stage_over_plain_steps']:.2f} (P {stage['plain_s']['pretext']:.3f} s, "
+            f"D {stage['plain_s']['downstream']:.3f} s)"
+        )
+        peak = stage.get("peak_memory_gib")
+        measured = f"{peak:.2f} GiB measured (max_memory_allocated)" if peak else "not measured"
+        lines.append(f"memory: {measured}; planner {stage['plan_peak_gib']:.2f} GiB")
+        t = stage["tf32_check"]
+        lines.append(
+            f"TF32 check: product with TF32 differs by {t['tf32_rel_diff']:.1e} (relative; fp32 "
+            f"repeat {t['fp32_repeat_rel_diff']:.1e}); TF32 / fp32 time "
+            f"{t['tf32_over_fp32_time']:.2f}"
+        )
+    return lines
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ---- The driver --------------------------------------------------------------------------------
@@ -211,6 +351,12 @@ def run_steps(steps: list[str], summary_path: Path) -> int:
         if status != "ok":
             failed.append(name)
     summary["failed"] = failed
+    lines = summary_lines(
+        _read(RESULTS / "gpu_check_data.json") if "data" in steps else None,
+        _read(RESULTS / "gpu_stage_cuda.json") if "stage" in steps else None,
+    )
+    summary["summary"] = lines
+    print("\n".join(lines))
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     print("gpu-check:", "all steps passed" if not failed else f"FAILED: {', '.join(failed)}")
     return 1 if failed else 0
@@ -229,6 +375,8 @@ def dry_run(steps: list[str], summary_path: Path, data_root: str = "") -> int:
         tiny_out = summary_path.with_name(summary_path.stem + "_tiny_stage_cpu.json")
         tiny = run_stage("cpu", tiny_out, tiny=True, data_root=data_root)
         summary["tiny_stage"] = {"seconds": time.perf_counter() - t0, "stage_s": tiny["stage_s"]}
+        summary["summary"] = summary_lines(None, tiny)
+        print("\n".join(summary["summary"]))
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(f"gpu-check dry run done; wrote {summary_path}")

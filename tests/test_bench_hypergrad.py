@@ -68,10 +68,16 @@ def test_gpu_check_dry_run(demo_workdir, tmp_path, monkeypatch, capsys):
     assert "DRY RUN" in printed
     plan = json.loads(summary.read_text())
     assert plan["dry_run"] is True
-    assert set(plan["plan"]) == {"tests", "stage", "bench_bilevel", "bench_hypergrad"}
+    assert set(plan["plan"]) == {"tests", "data", "stage", "bench_bilevel", "bench_hypergrad"}
     for name in ("bench_bilevel", "bench_hypergrad"):
         assert "cuda" in plan["plan"][name]
     assert len(plan["tiny_stage"]["stage_s"]) == 2
+    # The summary's figures come from the tiny CPU stage: ratio, planner, TF32 check.
+    lines = "\n".join(plan["summary"])
+    assert "stage / (N_L P + N_U D)" in lines and "planner" in lines and "TF32 check" in lines
+    assert "TF32 check" in printed
+    # Each timeout leaves room for the others within the budget.
+    assert sum(gpu_check.TIMEOUTS_S.values()) <= gpu_check.BUDGET_S + 10
 
 
 def test_gpu_check_rejects_unknown_step():
