@@ -134,8 +134,8 @@ def _fit(measure: Callable[[int], int]) -> tuple[float, float]:
 
 def plan_stage_memory(cfg, model: nn.Module, world_size: int = 1) -> MemoryPlan:
     """Estimate a stage's peak device memory per process for ``model`` (a built BiSSL model on
-    its device) under ``cfg``. Runs the passes on small synthetic batches (state unchanged:
-    BN statistics go to copies, no optimiser step)."""
+    its device) under ``cfg``. Runs the passes on small synthetic batches; the model's state
+    and the random streams are as before (state restored, RNG forked, no optimiser step)."""
 
     hg, bissl = cfg.BISSL.HYPERGRAD, cfg.BISSL
     device = next(model.parameters()).device
@@ -171,8 +171,11 @@ def plan_stage_memory(cfg, model: nn.Module, world_size: int = 1) -> MemoryPlan:
 
     from detectron2.utils.events import EventStorage
 
+    # The probes draw random batches: a forked RNG keeps a resumed run's random stream exact.
+    devices = [device] if device.type == "cuda" else []
     try:
-        with EventStorage(0):  # the detector logs to an event storage in its forward
+        # The detector logs to an event storage in its forward.
+        with torch.random.fork_rng(devices=devices), EventStorage(0):
             fits = {"lower_graph": _fit(lower), "downstream_graph": _fit(downstream)}
             fits["curvature_graph"] = _fit(curvature) if hg.CURVATURE != "fisher" else (0.0, 0.0)
     finally:

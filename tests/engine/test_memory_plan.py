@@ -75,7 +75,12 @@ def test_plan_within_25_percent_of_the_measured_stage_peak(in_demo_workdir, tmp_
     cfg = tiny_config(config, tmp_path, "MODEL.DEVICE", "cpu", *STAGE, *opts)
     trainer = BilevelTrainer(cfg)
     trainer.model.train()
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
     plan = plan_stage_memory(cfg, trainer.model)
+    assert torch.equal(torch.get_rng_state(), rng)  # a resumed run's random stream is untouched
+    after = trainer.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in state.items())  # BN statistics too
     assert plan.parts["curvature_graph"] > plan.parts["downstream_graph"] > 0
     measured = measured_stage_peak(trainer)
     assert abs(plan.peak_bytes - measured) <= 0.25 * measured, (plan.peak_bytes, measured)
