@@ -33,13 +33,19 @@ def lower_state_without_backbone(lower: nn.Module) -> dict:
 
 
 def export_backbone(
-    pretext_model: nn.Module, output_dir: str | os.PathLike, pretext: str, name: str
+    pretext_model: nn.Module,
+    output_dir: str | os.PathLike,
+    pretext: str,
+    name: str,
+    classes: list[str] | None = None,
 ) -> dict[str, Path]:
     """Write a pretext model's ResNet for fine-tuning, in Detectron2 and torchvision layouts.
 
     ``<name>.pth`` loads as MODEL.WEIGHTS (Detectron2's matching heuristics put res5 into
     ``roi_heads.res5`` for C4) and carries the pretext head so it can seed a BiSSL run;
     ``<name>_torchvision.pth`` is a torchvision ResNet state dict (no ``fc``). Both atomic.
+    ``classes``: the downstream classes a BiSSL run tailored the backbone to, recorded as
+    ``downstream_classes`` (fine-tuning on other classes is refused).
     """
     output_dir = Path(output_dir)
     resnet = pretext_model.encoder.resnet
@@ -47,7 +53,10 @@ def export_backbone(
     d2_path = output_dir / f"{name}.pth"
     tv_path = output_dir / f"{name}_torchvision.pth"
     head = {k: v.detach().cpu() for k, v in lower_state_without_backbone(pretext_model).items()}
-    save_backbone_checkpoint(d2_path, backbone, extra={"pretext": pretext, "pretext_head": head})
+    extra = {"pretext": pretext, "pretext_head": head}
+    if classes is not None:
+        extra["downstream_classes"] = list(classes)
+    save_backbone_checkpoint(d2_path, backbone, extra=extra)
     torchvision_sd, _ = detectron2_to_torchvision(backbone)
     atomic_save(torchvision_sd, tv_path)
     return {"detectron2": d2_path, "torchvision": tv_path}

@@ -119,6 +119,11 @@ def check_coco_json(json_file: str) -> dict:
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4):
             problems.append(f"{where}: bbox {bbox!r} must be [x, y, w, h]")
+        elif not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in bbox
+        ):
+            problems.append(f"{where}: bbox {bbox!r} must hold 4 finite numbers (not text)")
         image = images.get(ann["image_id"])
         if ann.get("segmentation") and image is not None:
             problem = _mask_problem(ann["segmentation"], image["height"], image["width"])

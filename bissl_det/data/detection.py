@@ -28,6 +28,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import CHECK_IMAGES_MODES, CUSTOM_DATASET_KEYS
 from .catalog import dataset_dicts
+from .class_names import check_split_classes
 from .coco import check_coco_dataset, register_coco_json, validate_coco_json
 from .tasks import downstream_task
 from .validation import DatasetValidationError, check_dataset_dicts, check_image_files
@@ -174,6 +175,7 @@ def register_from_config(cfg, origins=None, pretext: bool = True) -> list[str]:
             "decoded" if decode else "headers",
             time.perf_counter() - start,
         )
+    check_split_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
     task = downstream_task(cfg, required=False) if "BISSL" in cfg else None
     if task is not None and task.check_data is not None:
         task.check_data(cfg, mode)

@@ -125,6 +125,11 @@ def _check_xml(anno_file: str, class_names: Sequence[str]) -> tuple[VocObject, .
     objects = []
     for k, obj in enumerate(tree.findall("object")):
         name = _text(obj, "name", anno_file)
+        if obj.find("name").text != name:  # detectron2's loader reads the text unstripped
+            raise DatasetValidationError(
+                f"{anno_file}: object {k} has class name {obj.find('name').text!r} with "
+                f"surrounding whitespace; write <name>{name}</name>"
+            )
         if name not in class_names:
             raise DatasetValidationError(
                 f"{anno_file}: object {k} has class {name!r}, which is not in the class list "
@@ -183,6 +188,12 @@ def check_voc_root(root: str | os.PathLike, class_names: Sequence[str]) -> str:
         raise DatasetValidationError(f"class list {class_names!r} must be a non-empty list")
     if len(set(class_names)) != len(class_names):
         raise DatasetValidationError(f"class list {list(class_names)} has duplicates")
+    padded = [c for c in class_names if not isinstance(c, str) or c != c.strip() or not c]
+    if padded:
+        raise DatasetValidationError(
+            f"class list {list(class_names)}: {padded} are empty, not text, or have surrounding "
+            "whitespace (the XML names would never match them)"
+        )
     return root
 
 

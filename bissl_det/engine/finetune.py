@@ -9,8 +9,9 @@ import weakref
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
-from ..checkpoint import check_detector_weights
+from ..checkpoint import check_detector_weights, load_checkpoint_file
 from ..checkpoint.verify import verify_backbone_loaded
+from ..data.class_names import check_weights_classes, run_classes
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics
 from ..modeling.sync_bn import use_float32_sync_bn_statistics
 from ..utils.plots import FINETUNE_PLOTS
@@ -69,6 +70,9 @@ class FinetuneTrainer(FaultChecks, DefaultTrainer):
         kind = None
         if not resuming:
             kind = check_initial_weights(self.model, weights)
+            if kind == "backbone":  # a BiSSL export records the classes it was tailored to
+                checkpoint = load_checkpoint_file(weights)
+                check_weights_classes(weights, checkpoint, run_classes(self.cfg))
         super().resume_or_load(resume=resume)
         if kind == "backbone":
             count = verify_backbone_loaded(self.model, weights, self.cfg.MODEL.RESNETS.DEPTH)

@@ -33,6 +33,7 @@ from ..data.build import (
     build_pretext_loader,
     pretext_batch_to_device,
 )
+from ..data.class_names import run_classes
 from ..evaluation.evaluate import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
 from ..solver.build import build_lars, build_scheduler
@@ -371,7 +372,9 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         end of a successful run; lower_backbone_stage<N>{,_torchvision}.pth after stage N when
         periodic (intermediate results, kept: each can be fine-tuned to follow the run)."""
         name = "lower_backbone" if final else f"lower_backbone_stage{self.iter + 1}"
-        paths = export_backbone(self.model.lower, self.cfg.OUTPUT_DIR, self.pretext_name, name)
+        paths = export_backbone(
+            self.model.lower, self.cfg.OUTPUT_DIR, self.pretext_name, name, run_classes(self.cfg)
+        )
         if not final:
             logger.info("Periodic export after stage %d: %s", self.iter + 1, paths["detectron2"])
         return paths

@@ -59,6 +59,8 @@ def test_run_json_names_the_tool_kind_and_identity(finished_bissl):
     assert (record["tool"], record["kind"]) == ("train_bissl", "bissl")
     saved = torch.load(finished_bissl / "model_final.pth", weights_only=True)["run_identity"]
     assert saved["identity"] == record["identity"]
+    export = torch.load(finished_bissl / "lower_backbone.pth", weights_only=True)
+    assert export["downstream_classes"] == ["circle", "square", "triangle", "cross"]
 
 
 def test_finetuning_into_a_bissl_folder_is_refused(demo_workdir, bissl_dir):
