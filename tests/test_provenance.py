@@ -22,8 +22,11 @@ def test_provenance_keys_and_values(in_demo_workdir, tmp_path):
     (tmp_path / "out" / "config.yaml").write_text(cfg.dump())
     start = utc_now()
     prov = provenance(cfg, start_time=start, config_file=str(TINY_C4))
-    assert set(prov) == {"git", "command", "config_file", "config", "weights", "seed", "data",
-                         "versions", "hostname", "start_time", "end_time"}  # fmt: skip
+    assert set(prov) == {"git", "command", "config_file", "config", "config_values", "weights",
+                         "seed", "data", "versions", "hostname", "start_time",
+                         "end_time"}  # fmt: skip
+    assert prov["config_values"]["BISSL.STAGES"] == cfg.BISSL.STAGES
+    assert "SEED" not in prov["config_values"] and "OUTPUT_DIR" not in prov["config_values"]
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                           text=True).stdout.strip()  # fmt: skip
     assert prov["git"]["commit"] == head and isinstance(prov["git"]["dirty"], bool)

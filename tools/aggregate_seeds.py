@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bissl_det.evaluation.comparability import check_group
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import sha256_file, utc_now
 from bissl_det.utils.results import Run
@@ -64,7 +65,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = describe(argparse.ArgumentParser(), __doc__)
     parser.add_argument("results", nargs="+", type=Path, help="results.json files")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
+    parser.add_argument(
+        "--allow-mix",
+        action="store_true",
+        help="average runs whose config, data or weights differ (recorded in the output)",
+    )
     args = parser.parse_args(argv)
+    try:  # seeds of one experiment only, unless told otherwise; names the file that differs
+        provenance_check = check_group(args.results, allow_mix=args.allow_mix)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     runs, inputs, units = read_runs(args.results)
     summary = aggregate(runs)
     for key, stats in summary.items():
@@ -78,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             "units": units,
             "inputs": inputs,
             "seeds": seeds,
+            "provenance_check": provenance_check,
             "created": utc_now(),
         }
         args.out.write_text(json.dumps(record, indent=2) + "\n")

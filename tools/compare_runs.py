@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from bissl_det.evaluation.comparability import check_comparison
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import sha256_file, utc_now
 from bissl_det.utils.results import Run, read_runs
@@ -224,9 +225,21 @@ def main(argv: list[str] | None = None) -> dict:
         "--paired", action="store_true", help="pair runs by seed: paired t interval (ttest_rel)"
     )
     parser.add_argument("--out", type=Path, required=True, help="OUT.md, OUT.png, OUT.json")
+    parser.add_argument(
+        "--allow-mix",
+        action="store_true",
+        help="compare runs whose config, data or weights differ within a group, or whose test "
+        "data differ between groups (recorded in OUT.json)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.confidence < 1:
         raise SystemExit(f"--confidence {args.confidence}: must be in (0, 1)")
+    try:  # comparable groups only, unless told otherwise; names the file that differs
+        provenance_check = check_comparison(
+            expand(args.baseline), expand(args.treatment), allow_mix=args.allow_mix
+        )
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     groups = [load_group(args.baseline), load_group(args.treatment)]
     summaries = [g.summary for g in groups]
     diffs = compare(*groups, args.confidence, args.paired)
@@ -254,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
             for k, d in diffs.items()
         },
         "inputs": {args.names[0]: groups[0].inputs, args.names[1]: groups[1].inputs},
+        "provenance_check": provenance_check,
         "created": utc_now(),
     }
     js.write_text(json.dumps(report, indent=2) + "\n")

@@ -23,6 +23,7 @@ from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
 
 from ..engine.logs import LOGGERS, use_colour
+from ..engine.run_identity import identity_keys
 from ..engine.signals import INTERRUPT_SIGNALS, TrainingInterrupted, handling, signal_name
 from .objectives import SearchTask, build_objective, search_task
 from .report import write_search_report
@@ -73,7 +74,29 @@ def worker_devices(num_workers: int) -> list[str | None]:
     return ids[:num_workers]
 
 
+# What a trial trains on and how long: a study continued with other values would mix trials.
+STUDY_DATA = ("DATASETS.TRAIN", "CLS.FORMAT", "CLS.TRAIN_ROOT", "CLS.CLASSES")
+STUDY_SCHEDULE = (
+    "SOLVER.MAX_ITER",
+    "SOLVER.STEPS",
+    "SOLVER.WARMUP_ITERS",
+    "SOLVER.IMS_PER_BATCH",
+    "INPUT.MIN_SIZE_TRAIN",
+    "CLS.SOLVER.ITERS",
+    "CLS.SOLVER.EPOCHS",
+    "CLS.SOLVER.IMS_PER_BATCH",
+    "CLS.IMAGE_SIZE",
+    "CLS.SEARCH.VAL_FRACTION",
+    "DET_SEARCH.VAL_FRACTION",
+)
+
+
 def _identity(cfg: CfgNode, task: SearchTask, options: SearchOptions) -> dict:
+    values = identity_keys(cfg)
+    data = {k: values[k] for k in STUDY_DATA if k in values}
+    data["DATASETS.CUSTOM"] = [  # the training sets' definitions (folders, files, classes)
+        entry for entry in values.get("DATASETS.CUSTOM", []) if entry["NAME"] in cfg.DATASETS.TRAIN
+    ]
     return {
         "task": task.name,
         "metric": task.metric,
@@ -81,6 +104,8 @@ def _identity(cfg: CfgNode, task: SearchTask, options: SearchOptions) -> dict:
         "protocol": "linear_probe" if options.linear_probe else "finetune",
         "weights": cfg.MODEL.WEIGHTS,
         "seed": cfg.SEED,
+        "data": data,
+        "schedule": {k: values[k] for k in STUDY_SCHEDULE if k in values},
     }
 
 

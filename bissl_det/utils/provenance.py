@@ -148,14 +148,20 @@ def provenance(
 
     Returns:
         git commit and dirtiness, command line, the config file and the merged config saved as
-        ``OUTPUT_DIR/config.yaml`` (paths and sha256), MODEL.WEIGHTS and its sha256, SEED,
-        data sets and their sizes, package versions, host name, start and end time (UTC ISO).
+        ``OUTPUT_DIR/config.yaml`` (paths and sha256), the values seeds must share
+        (:func:`~bissl_det.evaluation.comparability.config_values`), MODEL.WEIGHTS and its
+        sha256, SEED, data sets and their sizes, package versions, host name, start and end
+        time (UTC ISO).
     """
+    # Here, not at the top: comparability reads results files (utils.results -> stats -> here).
+    from ..evaluation.comparability import config_values
+
     return {
         "git": git_state(),
         "command": [sys.executable, *sys.argv],
         "config_file": file_record(config_file),
         "config": file_record(Path(cfg.OUTPUT_DIR) / "config.yaml"),
+        "config_values": config_values(cfg),  # what seeds of one experiment share
         "weights": file_record(cfg.MODEL.WEIGHTS),
         "seed": int(cfg.SEED),
         "data": data_record(cfg),
