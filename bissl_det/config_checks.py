@@ -290,6 +290,8 @@ def check_config_values(cfg: CfgNode, origins: ConfigOrigins) -> None:
         refuse("CLS.SOLVER.EPOCHS", "with CLS.SOLVER.ITERS = 0 trains for zero steps")
     _check_lambda(cfg, refuse)
     _check_classification(cfg, refuse)
+    _check_input_sizes(cfg, refuse)
+    _check_steps(cfg, refuse)
     if str(_get(cfg, "MODEL.BISSL.PRETEXT")).lower() == "simclr":
         for key in PRETEXT_BATCHES:
             batch = _get(cfg, key)
@@ -321,6 +323,35 @@ def _check_lambda(cfg: CfgNode, refuse: Callable[[str, str], None]) -> None:
             "system has no solution): use LAMBDA > 0, or BISSL.COUPLING 'decoupled' for the "
             "compute-matched control",
         )
+
+
+def _check_input_sizes(cfg: CfgNode, refuse: Callable[[str, str], None]) -> None:
+    """Image sizes that would fail only at the first batch (a resize to 0 or fewer pixels)."""
+    sizes = _get(cfg, "INPUT.MIN_SIZE_TRAIN")
+    if sizes is not _MISSING:
+        sizes = sizes if isinstance(sizes, list | tuple) else [sizes]
+        if not sizes or not all(_is_number(v) and v > 0 for v in sizes):
+            refuse("INPUT.MIN_SIZE_TRAIN", "must be one or more sizes > 0 (pixels)")
+    for key in ("INPUT.MAX_SIZE_TRAIN", "INPUT.MAX_SIZE_TEST"):
+        value = _get(cfg, key)
+        if value is not _MISSING and not (_is_number(value) and value > 0):
+            refuse(key, "must be > 0 (pixels)")
+    value = _get(cfg, "INPUT.MIN_SIZE_TEST")  # 0: test images are not resized
+    if value is not _MISSING and not (_is_number(value) and value >= 0):
+        refuse("INPUT.MIN_SIZE_TEST", "must be >= 0 (pixels; 0 keeps the test images' size)")
+
+
+def _check_steps(cfg: CfgNode, refuse: Callable[[str, str], None]) -> None:
+    """The multi-step schedule's milestones: fvcore refuses them at the first step, unnamed."""
+    if _get(cfg, "SOLVER.LR_SCHEDULER_NAME") != "WarmupMultiStepLR":
+        return
+    steps, max_iter = _get(cfg, "SOLVER.STEPS"), _get(cfg, "SOLVER.MAX_ITER")
+    if steps is _MISSING or not _is_number(max_iter):
+        return
+    if not all(_is_number(v) and 0 < v < max_iter for v in steps):
+        refuse("SOLVER.STEPS", f"must all be in (0, SOLVER.MAX_ITER = {max_iter})")
+    elif list(steps) != sorted(steps):
+        refuse("SOLVER.STEPS", "must be increasing")
 
 
 def _check_classification(cfg: CfgNode, refuse: Callable[[str, str], None]) -> None:

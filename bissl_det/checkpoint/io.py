@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import codecs
 import collections
+import errno
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -70,11 +72,25 @@ def _atomic_write(path: str | os.PathLike[str], write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as err:
+        # A full disk or quota: torch.save says only "enforce fail ... file write failed".
+        _remove(tmp_path)
+        free = shutil.disk_usage(directory).free
+        raise OSError(
+            getattr(err, "errno", None) or errno.EIO,
+            f"writing {path} failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"{free / 2**20:.0f} MiB free on its disk now. The files already there are "
+            "unchanged; free space (or move OUTPUT_DIR) and rerun with --resume",
+        ) from err
     except BaseException:
         # Also on KeyboardInterrupt: never leave the temporary file behind.
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        _remove(tmp_path)
         raise
+
+
+def _remove(tmp_path: str) -> None:
+    if os.path.exists(tmp_path):
+        os.remove(tmp_path)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
