@@ -6,7 +6,7 @@ STAMP := $(VENV)/.bissl_det-installed
 # The torch build served on this platform; other machines may pin their own (README, Install).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint format demo bench gpu-check clean
+.PHONY: install test lint format demo bench gpu-check study clean
 
 install: $(STAMP)
 
@@ -38,6 +38,16 @@ bench: install
 # GPU tests, one full-size stage and both benchmarks on CUDA (< 8 min); a dry run without CUDA.
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py
+
+# The CPU reference study (docs/studies.md): Fashion-MNIST from Debian's dataset-fashion-mnist
+# (installed when missing and apt-get is there), converted to folders, then tools/study.py.
+FMNIST_SOURCE ?= /usr/share/datasets/fashion-mnist
+study: install
+	test -f $(FMNIST_SOURCE)/train-images-idx3-ubyte.gz || \
+		(apt-get update && apt-get install -y dataset-fashion-mnist)
+	test -d datasets/fashion_mnist || \
+		$(PY) datasets/get_fashion_mnist.py --source $(FMNIST_SOURCE)
+	$(PY) tools/study.py --config-file configs/study/fashion_mnist.yaml --jobs 2
 
 clean:
 	rm -rf $(VENV) output build *.egg-info
