@@ -148,7 +148,11 @@ class Bench:
     """A BilevelTrainer on fixed batches, and the operations whose cost is measured."""
 
     def __init__(self, cfg, seed: int = 0):
-        from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
+        from bissl_det.data.build import (
+            build_downstream_train_loader,
+            build_pretext_loader,
+            pretext_batch_to_device,
+        )
         from bissl_det.engine.trainer import BilevelTrainer
 
         torch.manual_seed(seed)
@@ -159,7 +163,7 @@ class Bench:
         self.model.copy_lower_backbone_to_upper()
         self.model.train()
         pretext = next(iter(build_pretext_loader(cfg, cfg.BISSL.LOWER.IMS_PER_BATCH, 0, seed)))
-        self.pretext = tuple(t.to(self.device) for t in pretext)
+        self.pretext = pretext_batch_to_device(cfg, pretext, self.device)  # normalised floats
         self.downstream = next(
             iter(build_downstream_train_loader(cfg, cfg.BISSL.UPPER.IMS_PER_BATCH, 0, seed + 1))
         )

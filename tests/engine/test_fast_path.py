@@ -48,7 +48,11 @@ def _rel_diff(a, b) -> float:
 
 @pytest.fixture
 def setup(in_demo_workdir, tmp_path):
-    from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
+    from bissl_det.data.build import (
+        build_downstream_train_loader,
+        build_pretext_loader,
+        pretext_batch_to_device,
+    )
     from bissl_det.engine.trainer import BilevelTrainer
 
     from detectron2.utils.events import EventStorage
@@ -63,7 +67,8 @@ def setup(in_demo_workdir, tmp_path):
     torch.manual_seed(0)
     trainer = BilevelTrainer(cfg)
     trainer.model.copy_lower_backbone_to_upper()
-    pretext = tuple(next(iter(build_pretext_loader(cfg, cfg.BISSL.LOWER.IMS_PER_BATCH))))
+    views = next(iter(build_pretext_loader(cfg, cfg.BISSL.LOWER.IMS_PER_BATCH)))
+    pretext = pretext_batch_to_device(cfg, views, torch.device("cpu"))  # the model's inputs
     downstream = next(iter(build_downstream_train_loader(cfg, cfg.BISSL.UPPER.IMS_PER_BATCH)))
     trainer._pretext_iter = itertools.repeat(pretext)
     trainer._downstream_iter = itertools.repeat(downstream)
