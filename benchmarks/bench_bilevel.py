@@ -48,14 +48,14 @@ from pathlib import Path
 
 import bissl_det  # noqa: F401  (compat shims before detectron2)
 from bissl_det.bilevel import (
-    Curvature,
     HessianVectorProduct,
+    ProductCurvature,
     RecomputingHessianVectorProduct,
+    StageSystem,
     batch_statistics_only,
     functional_hvp,
     tuple_norm,
 )
-from bissl_det.engine.hypergrad import StageSystem
 from bissl_det.modeling.memory import checkpoint_resnet_blocks
 
 import torch
@@ -133,17 +133,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class RecomputingCurvature(Curvature):
-    """The reference code's Hessian as a stage curvature: every product recomputes the pass."""
-
-    def __init__(self, hvp: RecomputingHessianVectorProduct) -> None:
-        super().__init__()
-        self._hvp = hvp
-
-    def _local_matvec(self, v):
-        return self._hvp(v)
-
-
 class Bench:
     """A BilevelTrainer on fixed batches, and the operations whose cost is measured."""
 
@@ -217,12 +206,11 @@ class Bench:
 
     def reference_system(self) -> StageSystem:
         """The trainer's stage system with the reference code's recomputing products."""
-        hg = self.trainer.cfg.BISSL.HYPERGRAD
-        curvature = RecomputingCurvature(self.reference_hvp())
-        return StageSystem(hg, self.trainer.cfg.BISSL.LAMBDA, curvature, ())
+        return self.trainer.hypergrad.build_system(ProductCurvature(self.reference_hvp()))
 
-    def upper_step(self, hvp, k: int) -> None:
+    def upper_step(self, hvp: StageSystem, k: int) -> None:
         self.set_cg_iterations(k)
+        hvp.options["max_iter"] = k  # a system built earlier keeps its own options
         with EventStorage(0) as self.trainer.storage:
             self.trainer.upper_step(hvp, 0)
 

@@ -50,11 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bissl_det.bilevel import (  # noqa: E402
     Curvature,
     EmpiricalFisherCurvature,
-    LanczosBasis,
-    conjugate_gradient,
+    ProductCurvature,
+    StageSystem,
     damped_matvec,
     lanczos_extremes,
-    layerwise_conjugate_gradient,
     pretext_curvature,
     tuple_cosine,
     tuple_norm,
@@ -92,17 +91,6 @@ PRESETS = {  # --quick: narrow ResNet-50, small images; full: the project's earl
                  "num_cls_test": 16, "cls_image_size": 64},
     },
 }  # fmt: skip
-
-
-class Counted:
-    """``v -> C v`` that counts its products (the authors' recomputing product has no counter)."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn, self.products = fn, 0
-
-    def __call__(self, v):
-        self.products += 1
-        return self.fn(v)
 
 
 # ---- Set-up: a trained lower model, real downstream gradients ---------------------------------
@@ -237,7 +225,7 @@ def build_curvature(problem: Problem, system: str) -> Curvature:
     )
 
 
-# ---- Estimators: build once per stage, then solve the stage's right-hand sides ----------------
+# ---- Estimators: the trainer's stage system, built once per stage, solving the stage's g's ------
 
 
 @dataclass
@@ -251,64 +239,37 @@ class StageSolver:
 
 
 def _info(info) -> dict:
+    solve = info.solve_info
     return {
-        k: getattr(info, k)
-        for k in ("iterations", "products", "rel_residual", "negative_curvature", "truncated")
-        if hasattr(info, k)
+        "iterations": solve.iterations,
+        "products": info.products,
+        "rel_residual": solve.rel_residual,
+        "negative_curvature": solve.negative_curvature,
+        "truncated": solve.truncated,
     }
 
 
-def krylov(system: str, method: str, k: int, **options) -> Callable:
-    """Curvature + CG-type solver with ``k`` iterations from x0 = 0."""
-
-    solver = {"cg": conjugate_gradient, "lcg": layerwise_conjugate_gradient}[method]
-
+def _stage(system: str | None, make_system: Callable[[Problem], StageSystem]) -> Callable:
     def make(problem: Problem) -> StageSolver:
-        curv = build_curvature(problem, system)
-        a = damped_matvec(curv.matvec, problem.lam, problem.delta)
+        stage = make_system(problem)
 
         def solve(g):
-            x, info = solver(a, g, max_iter=k, tol=0.0, **options)
+            x, info = stage.solve(g)
             return x, _info(info)
 
-        return StageSolver(system, solve, lambda: curv.products, curv.release)
+        return StageSolver(system, solve, stage.stage_products, stage.release)
 
     return make
 
 
-def lanczos(system: str, m: int) -> Callable:
-    """One Lanczos basis of size m per stage (from the first g), every g solved in it."""
+def estimator(system: str, solver: str, **options) -> Callable:
+    """The curvature ``system`` with ``solver`` (registry names), as the trainer builds them."""
 
-    def make(problem: Problem) -> StageSolver:
+    def make_system(problem: Problem) -> StageSystem:
         curv = build_curvature(problem, system)
-        a = damped_matvec(curv.matvec, problem.lam, problem.delta)
-        state: dict = {}
+        return StageSystem(curv, problem.lam, problem.delta, solver, **options)
 
-        def solve(g):
-            if "basis" not in state:  # built at the stage's first upper step, from its g
-                state["basis"] = LanczosBasis.build(a, g, m)
-            x, info = state["basis"].solve(g)
-            return x, _info(info)
-
-        def release() -> None:
-            if "basis" in state:
-                state["basis"].release()
-            curv.release()
-
-        return StageSolver(system, solve, lambda: curv.products, release)
-
-    return make
-
-
-def fisher(problem: Problem) -> StageSolver:
-    """Empirical Fisher of the last 20 lower-step gradients, Woodbury solve (no products)."""
-    curv = build_curvature(problem, "fisher")
-    scale = 1.0 / (problem.lam + problem.delta)
-
-    def solve(g):
-        return curv.solve_damped(g, scale), {}
-
-    return StageSolver("fisher", solve, lambda: 0, curv.release)
+    return _stage(system, make_system)
 
 
 def first_order(problem: Problem) -> StageSolver:
@@ -316,31 +277,35 @@ def first_order(problem: Problem) -> StageSolver:
     return StageSolver(None, lambda g: (tuple(t.clone() for t in g), {}), lambda: 0, lambda: None)
 
 
-def authors(problem: Problem) -> StageSolver:
-    """The authors' way: forward recomputed for every product, layer-wise CG, K = 5."""
-    hvp = Counted(problem.bench.reference_hvp())
-    a = damped_matvec(hvp, problem.lam, problem.delta)
-
-    def solve(g):
-        # The authors' CG steps on through p^T A p <= 0.
-        x, info = layerwise_conjugate_gradient(
-            a, g, max_iter=5, tol=0.0, on_negative_curvature="continue"
-        )
-        return x, _info(info)
-
-    return StageSolver("hessian", solve, lambda: hvp.products, lambda: None)
+# The authors' way: forward recomputed for every product, layer-wise CG, K = 5, stepping on
+# through p^T A p <= 0.
+authors = _stage(
+    "hessian",
+    lambda problem: StageSystem(
+        ProductCurvature(problem.bench.reference_hvp()),
+        problem.lam,
+        problem.delta,
+        "layerwise_cg",
+        max_iter=5,
+        on_negative_curvature="continue",
+    ),
+)
 
 
 ESTIMATORS: dict[str, Callable[[Problem], StageSolver]] = {
     "authors (recomputing+layerwise_cg5)": authors,
-    "hessian+cg5": krylov("hessian", "cg", 5, on_negative_curvature="continue"),
-    "hessian+layerwise_cg5": krylov("hessian", "lcg", 5, on_negative_curvature="continue"),
-    "hessian+cg5_truncated": krylov("hessian", "cg", 5, on_negative_curvature="truncate"),
-    "ggn+cg5": krylov("ggn", "cg", 5, on_negative_curvature="continue"),
-    "ggn+lanczos5": lanczos("ggn", 5),
-    "ggn+lanczos10": lanczos("ggn", 10),
-    "ggn+lanczos20": lanczos("ggn", 20),
-    "fisher+woodbury20": fisher,
+    "hessian+cg5": estimator("hessian", "cg", max_iter=5, on_negative_curvature="continue"),
+    "hessian+layerwise_cg5": estimator(
+        "hessian", "layerwise_cg", max_iter=5, on_negative_curvature="continue"
+    ),
+    "hessian+cg5_truncated": estimator(
+        "hessian", "cg", max_iter=5, on_negative_curvature="truncate"
+    ),
+    "ggn+cg5": estimator("ggn", "cg", max_iter=5, on_negative_curvature="continue"),
+    "ggn+lanczos5": estimator("ggn", "lanczos", basis_size=5, max_iter=0),
+    "ggn+lanczos10": estimator("ggn", "lanczos", basis_size=10, max_iter=0),
+    "ggn+lanczos20": estimator("ggn", "lanczos", basis_size=20, max_iter=0),
+    "fisher+woodbury20": estimator("fisher", "direct"),
     "first_order": first_order,
 }
 AUTHORS = next(iter(ESTIMATORS))

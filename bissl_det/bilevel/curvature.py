@@ -22,18 +22,20 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .implicit import HessianVectorProduct, check_vector
-from .solvers import TensorTuple
+from .hvp import HessianVectorProduct, check_vector
+from .krylov import TensorTuple
 
 AllReduce = Callable[[TensorTuple], TensorTuple]
 
 __all__ = [
-    "CURVATURES",
+    "AllReduce",
     "Curvature",
     "GaussNewtonCurvature",
     "HessianCurvature",
+    "ProductCurvature",
     "batch_statistics_only",
-    "pretext_curvature",
+    "gauss_newton_of_batch",
+    "hessian_of_batch",
     "scratch_buffers",
 ]
 
@@ -77,6 +79,22 @@ class Curvature(ABC):
 
     def release(self) -> None:  # noqa: B027  (optional: a history-backed matrix keeps it)
         """Free what the matrix holds (graphs, activations). Later products raise."""
+
+
+class ProductCurvature(Curvature):
+    """Any ``v -> C v`` callable as a stage curvature, counted and averaged like the others.
+
+    For products that are not built from a stage batch: the reference code's recomputing
+    Hessian (:class:`~bissl_det.bilevel.hvp.RecomputingHessianVectorProduct`) in parity tests
+    and benchmarks, or a dense matrix in closed-form tests.
+    """
+
+    def __init__(self, product: Callable[[TensorTuple], TensorTuple], all_reduce=None) -> None:
+        super().__init__(all_reduce)
+        self._product = product
+
+    def _local_matvec(self, v: TensorTuple) -> TensorTuple:
+        return self._product(v)
 
 
 class HessianCurvature(Curvature):
@@ -161,9 +179,8 @@ class GaussNewtonCurvature(Curvature):
         if self._released:
             raise RuntimeError(f"{who} was released; build a new one")
         check_vector(v, self.params, who)
-        zeros = tuple(torch.zeros_like(p) for p in self.params)
         if not self._index:
-            return zeros
+            return tuple(torch.zeros_like(p) for p in self.params)
         (jv,) = torch.autograd.grad(
             self._jt_u,
             self._dummy,
@@ -171,12 +188,16 @@ class GaussNewtonCurvature(Curvature):
             retain_graph=True,
         )
         if not self._out_grad.requires_grad:  # loss linear in the outputs: H_out = 0
-            return zeros
+            return tuple(torch.zeros_like(p) for p in self.params)
         (hjv,) = torch.autograd.grad(self._out_grad, self._point, jv, retain_graph=True)
         gv = torch.autograd.grad(
             self._outputs, self.params, hjv, retain_graph=True, allow_unused=True
         )
-        return tuple(z if t is None else t.detach() for t, z in zip(gv, zeros, strict=True))
+        # Zeros only for parameters the outputs ignore (not a full zero tuple per product).
+        return tuple(
+            torch.zeros_like(p) if t is None else t.detach()
+            for t, p in zip(gv, self.params, strict=True)
+        )
 
     def release(self) -> None:
         self._jt_u, self._index = [], []
@@ -222,44 +243,40 @@ def batch_statistics_only(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = track
 
 
-CURVATURES = ("hessian", "ggn", "fisher")
-
-
-def pretext_curvature(
-    kind: str,
+def hessian_of_batch(
     pretext_model: nn.Module,
     batch: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
     all_reduce: AllReduce | None = None,
-) -> HessianCurvature | GaussNewtonCurvature:
-    """The stage's Hessian (``"hessian"``) or Gauss-Newton (``"ggn"``) matrix on one batch.
-
-    The forward runs with :func:`scratch_buffers`, so neither the model's BN statistics nor a
-    BYOL target move. ``"ggn"`` needs ``pretext_model.ggn_outputs(*batch) -> (outputs, fn)``.
-    (The Fisher is not built from a batch: it is a history the lower steps append to, see
-    :class:`~bissl_det.bilevel.fisher.EmpiricalFisherCurvature`.)
+) -> HessianCurvature:
+    """The pretext loss' Hessian on one batch (BN statistic updates go to scratch copies).
 
     Args:
-        kind: ``"hessian"`` or ``"ggn"``.
         pretext_model: The lower (pretext) model; its forward returns the pretext loss.
         batch: Its inputs (e.g. the two views).
         params: Tensors the matrix is taken over (the lower backbone, plus the head for the
             joint system).
         all_reduce: Averages products over processes; None for one process.
     """
-    if kind == "hessian":
-        with scratch_buffers(pretext_model):
-            loss = pretext_model(*batch)
-        return HessianCurvature(loss, params, all_reduce)
-    if kind == "ggn":
-        if not hasattr(pretext_model, "ggn_outputs"):
-            raise ValueError(
-                f"curvature 'ggn': {type(pretext_model).__name__} has no ggn_outputs() method"
-            )
-        with scratch_buffers(pretext_model):
-            outputs, loss_of_outputs = pretext_model.ggn_outputs(*batch)
-        return GaussNewtonCurvature(outputs, loss_of_outputs, params, all_reduce)
-    raise ValueError(
-        f"unknown stage curvature {kind!r}; valid: 'hessian', 'ggn' ('fisher' is a history "
-        "the lower steps fill: EmpiricalFisherCurvature)"
-    )
+    with scratch_buffers(pretext_model):
+        loss = pretext_model(*batch)
+    return HessianCurvature(loss, params, all_reduce)
+
+
+def gauss_newton_of_batch(
+    pretext_model: nn.Module,
+    batch: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    all_reduce: AllReduce | None = None,
+) -> GaussNewtonCurvature:
+    """The pretext loss' Gauss-Newton matrix on one batch; arguments as :func:`hessian_of_batch`.
+
+    Needs ``pretext_model.ggn_outputs(*batch) -> (outputs, loss_of_outputs)``.
+    """
+    if not hasattr(pretext_model, "ggn_outputs"):
+        raise ValueError(
+            f"curvature 'ggn': {type(pretext_model).__name__} has no ggn_outputs() method"
+        )
+    with scratch_buffers(pretext_model):
+        outputs, loss_of_outputs = pretext_model.ggn_outputs(*batch)
+    return GaussNewtonCurvature(outputs, loss_of_outputs, params, all_reduce)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .curvature import Curvature
-from .solvers import TensorTuple
+from .krylov import TensorTuple
 
 __all__ = ["EmpiricalFisherCurvature"]
 

@@ -33,7 +33,7 @@ from .krylov import (
     tuple_norm,
 )
 
-__all__ = ["LanczosBasis", "RitzInfo", "lanczos_extremes"]
+__all__ = ["LanczosBasis", "RitzInfo", "lanczos_extremes", "lanczos_solve"]
 
 
 @dataclass
@@ -345,3 +345,35 @@ class LanczosBasis:
             negative_curvature=negative,
             truncated=truncated,
         )
+
+
+def lanczos_solve(
+    matvec: MatVec,
+    b: TensorTuple,
+    max_iter: int = 0,
+    tol: float = 0.0,
+    on_negative_curvature: str = "truncate",
+    check_residual: bool = False,
+    basis: LanczosBasis | None = None,
+    basis_size: int = 20,
+) -> tuple[TensorTuple, SolveInfo]:
+    """Solve ``A x = b`` with a Lanczos basis: a stage's (``basis``) or one built from ``b`` now.
+
+    The solver-table form of :meth:`LanczosBasis.solve`. A stage system builds the basis once
+    from its first right-hand side and passes it to every solve; without one, ``basis_size``
+    products build it here and are counted in the returned ``products``.
+
+    Args:
+        matvec: ``v -> A v`` (``A`` symmetric); only used when ``basis`` is None.
+        b, max_iter, tol, on_negative_curvature, check_residual: As in :meth:`LanczosBasis.solve`.
+        basis: A basis of this operator, or None.
+        basis_size: Size of the basis built when ``basis`` is None.
+    """
+    if basis is not None:
+        return basis.solve(b, max_iter, tol, on_negative_curvature, check_residual)
+    basis = LanczosBasis.build(matvec, b, basis_size)
+    try:
+        x, info = basis.solve(b, max_iter, tol, on_negative_curvature, check_residual)
+    finally:
+        basis.release()
+    return x, dataclasses.replace(info, products=info.products + basis.products)

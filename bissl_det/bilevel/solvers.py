@@ -1,8 +1,9 @@
-"""Matrix-free linear solvers over tuples of tensors: CG, layer-wise CG, Neumann series.
+"""Linear solvers over tuples of tensors: CG, layer-wise CG, Neumann series, the exact solve.
 
 Every solver is ``solve(matvec, b, max_iter=..., tol=..., ...) -> (x, SolveInfo)``, ``matvec`` being
 ``v -> A v`` on tuples shaped like ``b``; the shared pieces (inner products, :class:`SolveInfo`,
-errors, the CG loop) live in :mod:`.krylov`, the stage-level Lanczos solver in :mod:`.lanczos`.
+errors, the CG loop) live in :mod:`.krylov`, the stage-level Lanczos solver in :mod:`.lanczos`,
+and the table of all of them by name in :mod:`.registry`.
 No solver fails silently: a NaN/inf raises :class:`NonFiniteError`, and an operator that is not
 positive definite is counted in ``SolveInfo.negative_curvature`` and truncated, continued through
 or refused (:class:`IndefiniteSystemError`) as the caller asks.
@@ -36,14 +37,13 @@ from .lanczos import lanczos_extremes
 
 __all__ = [
     "NEGATIVE_CURVATURE_MODES",
-    "SOLVERS",
     "IndefiniteSystemError",
     "MatVec",
     "NonFiniteError",
     "SolveInfo",
     "TensorTuple",
     "conjugate_gradient",
-    "get_solver",
+    "direct_solve",
     "layerwise_conjugate_gradient",
     "neumann_series",
     "true_residual",
@@ -264,22 +264,41 @@ def neumann_series(
     )
 
 
-SOLVERS: dict[str, Callable[..., tuple[TensorTuple, SolveInfo]]] = {
-    "cg": conjugate_gradient,
-    "layerwise_cg": layerwise_conjugate_gradient,
-    "neumann": neumann_series,
-}
+def direct_solve(
+    matvec: MatVec,
+    b: TensorTuple,
+    check_residual: bool = False,
+    exact_solve: Callable[[TensorTuple], TensorTuple] | None = None,
+) -> tuple[TensorTuple, SolveInfo]:
+    """``x = exact_solve(b)``: the operator's own exact inverse (the Fisher's Woodbury solve).
 
+    Args:
+        matvec: ``v -> A v``; used only for the true residual.
+        b: Right-hand side.
+        check_residual: Report ``||b - A x||`` (one product). Without it the residual is NaN and
+            the solve counts as converged: it is exact up to rounding by construction.
+        exact_solve: ``b -> A^-1 b``; a stage system passes its curvature's damped solve.
 
-def get_solver(name: str) -> Callable[..., tuple[TensorTuple, SolveInfo]]:
-    """Look up a solver by name (``"cg"``, ``"layerwise_cg"`` or ``"neumann"``).
+    Returns:
+        ``x`` and a :class:`SolveInfo` with no iterations; with ``check_residual``, ``converged``
+        is False if the residual exceeds ``1e-3 ||b||``, which only a wrong inverse gives.
 
     Raises:
-        ValueError: For an unknown name; the message lists the valid ones.
+        ValueError: Without ``exact_solve``.
+        NonFiniteError: If ``b`` or ``x`` is NaN/inf.
     """
-    try:
-        return SOLVERS[name]
-    except KeyError:
+    name = "direct_solve"
+    if exact_solve is None:
         raise ValueError(
-            f"unknown implicit-gradient solver {name!r}; valid names: {sorted(SOLVERS)}"
-        ) from None
+            f"{name}: needs a curvature with an exact damped solve (the Fisher's Woodbury "
+            "inverse); use an iterative solver"
+        )
+    b = prepare_rhs(b, 0, 0.0, name)
+    with torch.no_grad():
+        finite_or_raise(tuple_dot(b, b).item(), "||b||^2", name, 0)
+        x = tuple(exact_solve(b))
+        finite_or_raise(tuple_dot(x, x).item(), "||x||^2", name, 0)
+    if not check_residual:
+        return x, SolveInfo(0, 0, math.nan, math.nan, False, 0, False, True)
+    norm, rel = true_residual(matvec, x, b)
+    return x, SolveInfo(0, 1, norm, rel, True, 0, False, rel <= 1e-3)

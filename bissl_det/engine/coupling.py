@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..bilevel import TensorTuple
+from ..bilevel import ImplicitGradInfo, SolveInfo, TensorTuple, get_curvature
 from ..config import COUPLINGS
 
 __all__ = ["COUPLINGS", "FixedStageSystem", "proximity_weight"]
@@ -38,11 +38,12 @@ def proximity_weight(bissl) -> float:
 class FixedStageSystem:
     """The stage's "system" of an arm that solves none: x = g ("first_order") or x = 0.
 
-    Has the interface of :class:`~bissl_det.engine.hypergrad.StageSystem` the trainer uses;
+    Has the interface of :class:`~bissl_det.bilevel.stage.StageSystem` the trainer uses;
     no curvature, no product. The residual is not defined (NaN is logged).
     """
 
     curvature = None
+    eigen = None
 
     def __init__(self, coupling: str):
         if coupling not in COUPLINGS or coupling == "bilevel":
@@ -55,27 +56,19 @@ class FixedStageSystem:
     ) -> FixedStageSystem:
         """The system of one stage; takes (and discards) the pretext batch that the bilevel
         arm's curvature would take, so the data stream stays the bilevel arm's."""
-        if curvature != "fisher":
+        if get_curvature(curvature).from_batch is not None:
             next_pretext_batch()
         return cls(coupling)
 
-    def solve(self, g: TensorTuple) -> tuple[TensorTuple, dict[str, float]]:
+    def solve(self, g: TensorTuple) -> tuple[TensorTuple, ImplicitGradInfo]:
         g = tuple(t.detach() for t in g)
         x = g if self.identity else tuple(torch.zeros_like(t) for t in g)
         ratio = 1.0 if self.identity else 0.0
-        stats = {
-            "hypergrad_rel_residual": math.nan,
-            "hypergrad_negative_curvature": 0.0,
-            "hypergrad_truncated": 0.0,
-            "hypergrad_iterations": 0.0,
-            "hypergrad_products": 0.0,
-            "hypergrad_cosine": ratio,
-            "hypergrad_norm_ratio": ratio,
-        }
-        return x, stats
+        nothing_solved = SolveInfo(0, 0, math.nan, math.nan, False, 0, False, True)
+        return x, ImplicitGradInfo(nothing_solved, 0, ratio, ratio)
 
-    def stage_metrics(self) -> dict[str, float]:
-        return {"hypergrad_stage_products": 0.0}
+    def stage_products(self) -> int:
+        return 0
 
     def release(self) -> None:
         pass

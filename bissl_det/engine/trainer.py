@@ -4,8 +4,8 @@ One trainer iteration is one stage:
 
 * N_L lower steps: pretext loss + lambda/2 ||theta - phi||^2 (phi constant), LARS.
 * The stage's implicit-gradient system ``(I + C/(lambda+delta)) x = g`` is built once
-  (engine/hypergrad.py: C the pretext Hessian, its Gauss-Newton part or the Fisher of the lower
-  steps' gradients); it serves every upper step of the stage.
+  (bilevel/stage.py, configured by engine/hypergrad.py: C the pretext Hessian, its Gauss-Newton
+  part or the Fisher of the lower steps' gradients); it serves every upper step of the stage.
 * N_U upper steps: g = grad_theta L_D(theta, phi_d); x solves the system;
   phi.grad = x + gamma grad_phi L_D(phi, phi_d); phi_d.grad from both terms; SGD.
 
@@ -26,7 +26,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from torch import nn
 
-from ..bilevel import IndefiniteSystemError, NonFiniteError, tuple_norm
+from ..bilevel import IndefiniteSystemError, NonFiniteError, StageSystem, tuple_norm
 from ..checkpoint import export_backbone, load_pretext_checkpoint
 from ..data.build import (
     build_downstream_train_loader,
@@ -44,7 +44,7 @@ from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .coupling import FixedStageSystem, proximity_weight
 from .faults import FaultChecks
 from .hooks import ExportBackbone, PlotMetrics, StageProgress, StageTimer, build_writers
-from .hypergrad import Hypergradient, LogHypergradient, StageSystem
+from .hypergrad import Hypergradient, LogHypergradient, solve_metrics, stage_metrics
 from .resume import resume_from_last
 from .signals import with_graceful_interrupt
 from .verdict import HypergradientVerdict
@@ -234,7 +234,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         system = self.stage_system()
         try:
             upper_stats = [self.upper_step(system, k) for k in range(bissl.UPPER_STEPS)]
-            stage_stats = system.stage_metrics()
+            stage_stats = stage_metrics(system)
         finally:
             system.release()
         pairs = self.model.backbone_pairs
@@ -334,7 +334,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         g, head_grads = all_reduce_mean(grads[: len(pairs.lower)]), grads[len(pairs.lower) :]
         try:
             with tf32(self.cfg.BISSL.HYPERGRAD.ALLOW_TF32):
-                x, solve_stats = system.solve(g)
+                x, solve_info = system.solve(g)
         except (NonFiniteError, IndefiniteSystemError) as e:
             self.fail_nonfinite(f"implicit gradient solver: {e}", "upper", step)
 
@@ -362,7 +362,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             "upper_loss": upper_loss.item(),
             "upper_loss_on_theta": lower_view.item(),
             "upper_grad_norm": grad_norm,
-            **solve_stats,
+            **solve_metrics(solve_info),
         }
         stats.update({f"upper/{k}": v.item() for k, v in upper_losses.items()})
         return stats

@@ -13,7 +13,6 @@ from bissl_det.bilevel import (
     damped_matvec,
     functional_hvp,
     implicit_gradient,
-    implicit_gradient_from,
     tuple_dot,
     tuple_norm,
 )
@@ -396,13 +395,13 @@ def test_joint_system_with_pretext_head_matches_finite_differences():
     g = torch.autograd.grad(prob.upper(parts), theta)
 
     joint = HessianCurvature(prob.pretext(parts), parts)
-    x_joint, info = implicit_gradient_from(
+    x_joint, info = implicit_gradient(
         joint, g, lam=prob.lam, damping=0.0, head=head, max_iter=500, tol=1e-14
     )
     assert info.converged and len(x_joint) == prob.backbone
     # The paper's derivative: the head held fixed (H_tt only).
     excluded = HessianCurvature(prob.pretext(parts), theta)
-    x_excl, _ = implicit_gradient_from(excluded, g, prob.lam, 0.0, max_iter=500, tol=1e-14)
+    x_excl, _ = implicit_gradient(excluded, g, prob.lam, 0.0, max_iter=500, tol=1e-14)
 
     # Schur complement closed form on the dense Hessian of the pretext loss.
     n = prob.theta_dim

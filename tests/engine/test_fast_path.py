@@ -12,14 +12,13 @@ import copy
 import itertools
 
 from bissl_det.bilevel import (
-    Curvature,
+    ProductCurvature,
     RecomputingHessianVectorProduct,
     batch_statistics_only,
     functional_hvp,
     implicit_gradient,
     tuple_norm,
 )
-from bissl_det.engine.hypergrad import StageSystem
 from tests.conftest import TINY_C4, tiny_config
 
 import pytest
@@ -29,17 +28,6 @@ from torch.func import functional_call
 # Small damping: (I + H / (lam + delta)) must differ clearly from I, or a wrong H would pass.
 DAMPING = 0.05
 CG_ITERATIONS = 3
-
-
-class _Products(Curvature):
-    """Any ``v -> H v`` callable as a stage curvature (here: the recomputing reference)."""
-
-    def __init__(self, hvp) -> None:
-        super().__init__(all_reduce=None)
-        self.hvp = hvp
-
-    def _local_matvec(self, v):
-        return self.hvp(v)
 
 
 def _rel_diff(a, b) -> float:
@@ -163,9 +151,9 @@ def test_upper_step_fast_equals_reference(setup):
         system.release()
         return [p.detach().clone() for p in phi], stats
 
-    def reference_system() -> StageSystem:
-        hg, lam = trainer.cfg.BISSL.HYPERGRAD, trainer.cfg.BISSL.LAMBDA
-        return StageSystem(hg, lam, _Products(reference_hvp()), ())
+    def reference_system():
+        # The trainer's own mapping of BISSL.HYPERGRAD, with the reference code's products.
+        return trainer.hypergrad.build_system(ProductCurvature(reference_hvp()))
 
     fast, fast_stats = step(trainer.stage_system)
     ref, ref_stats = step(reference_system)

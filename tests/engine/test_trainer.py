@@ -2,10 +2,9 @@
 
 import json
 
-from bissl_det.bilevel import tuple_cosine
+from bissl_det.bilevel import StageSystem, tuple_cosine
 from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
 from bissl_det.engine import BilevelTrainer
-from bissl_det.engine.hypergrad import StageSystem
 from tests.conftest import TINY_C4, TINY_CLS, tiny_config
 
 import pytest
@@ -29,13 +28,13 @@ def _stepping_trainer(cfg):
 
 
 def _spy_solves(patch, solved: list) -> None:
-    """Record (system, g, x, stats) of every implicit-gradient solve."""
+    """Record (system, g, x, info) of every implicit-gradient solve."""
     real_solve = StageSystem.solve
 
     def spy(system, g):
-        x, stats = real_solve(system, g)
-        solved.append((system, g, x, stats))
-        return x, stats
+        x, info = real_solve(system, g)
+        solved.append((system, g, x, info))
+        return x, info
 
     patch.setattr(StageSystem, "solve", spy)
 
