@@ -62,12 +62,16 @@ def export_backbone(
     return {"detectron2": d2_path, "torchvision": tv_path}
 
 
-def load_pretext_weights(pretext_model: nn.Module, path: str, pretext: str) -> None:
+def load_pretext_weights(pretext_model: nn.Module, path: str, pretext: str) -> bool:
     """Initialise a SimCLR/BYOL model from MODEL.WEIGHTS: every backbone tensor, or refuse.
 
     Any format :func:`~.convert.convert_to_detectron2` reads is accepted. The pretext head is
     loaded too when the file carries one of the same task (this project's exports do); else it
-    starts fresh and a BYOL target starts as a copy of the online network.
+    keeps its fresh initialisation.
+
+    Returns:
+        Whether the head (with a BYOL target) was loaded; if not, the caller re-copies an EMA
+        target from the loaded online network (:func:`~bissl_det.modeling.pretext.reset_target`).
     """
     checkpoint = load_checkpoint_file(path)
     backbone = read_backbone_weights(path, checkpoint=checkpoint)
@@ -79,13 +83,13 @@ def load_pretext_weights(pretext_model: nn.Module, path: str, pretext: str) -> N
             raise KeyError(f"{path}: pretext_head keys do not match the {pretext} head")
         pretext_model.load_state_dict({**pretext_model.state_dict(), **head})
         logger.info("Loaded the %s pretext head from %s", pretext, path)
-    elif hasattr(pretext_model, "update_target"):
-        pretext_model.update_target(momentum=0.0)
     logger.info("Initialised the %s backbone from %s (every tensor loaded)", pretext, path)
+    return head is not None and checkpoint.get("pretext") == pretext
 
 
-def load_pretext_checkpoint(model: nn.Module, path: str, pretext: str) -> None:
+def load_pretext_checkpoint(model: nn.Module, path: str, pretext: str) -> bool:
     """Initialise both levels of a BiSSL model: theta (and the pretext head) from ``path``, then
-    phi <- theta. See :func:`load_pretext_weights`."""
-    load_pretext_weights(model.lower, path, pretext)
+    phi <- theta. Returns whether the head was loaded; see :func:`load_pretext_weights`."""
+    head_loaded = load_pretext_weights(model.lower, path, pretext)
     model.copy_lower_backbone_to_upper()
+    return head_loaded

@@ -1,7 +1,7 @@
 """Conventional SSL pretraining (SimCLR or BYOL) of the Detectron2 ResNet: step 1 of the pipeline.
 
 The model is the BiSSL lower level without the bilevel part: the same pretext model
-(:func:`~bissl_det.modeling.meta_arch.build_pretext_model` on a plain-BN ResNet trunk), the same
+(:func:`~bissl_det.modeling.pretext_tasks.build_pretext_model` on a plain-BN ResNet trunk), the same
 pretext loader and LARS + warm-up/cosine schedule. No DDP: gradients are averaged by hand, as on
 the lower level, so the exported backbone is directly a BiSSL starting point.
 
@@ -25,8 +25,8 @@ from torch import nn
 from ..checkpoint import export_backbone, load_pretext_weights
 from ..data.build import build_pretext_loader, pretext_batch_to_device
 from ..modeling.backbone import PooledEncoder, build_resnet_trunk
-from ..modeling.meta_arch import build_pretext_model
-from ..modeling.pretext import cosine_ema_momentum
+from ..modeling.pretext import MomentumTarget, cosine_ema_momentum, reset_target
+from ..modeling.pretext_tasks import build_pretext_model
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, is_distributed, world_size
 from ..utils.plots import PRETRAIN_PLOTS
@@ -117,7 +117,8 @@ class PretrainTrainer(FaultChecks, TrainerBase):
         self.start_iter = 0
         if self.cfg.MODEL.WEIGHTS:
             # Continue pretraining from a checkpoint: every backbone tensor, or refused.
-            load_pretext_weights(self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name)
+            if not load_pretext_weights(self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name):
+                reset_target(self.model)  # a fresh head: the target copies the loaded online net
         else:
             logger.info("MODEL.WEIGHTS is empty: pretraining starts from random weights")
 
@@ -178,7 +179,7 @@ class PretrainTrainer(FaultChecks, TrainerBase):
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        if hasattr(self.model, "update_target"):
+        if isinstance(self.model, MomentumTarget):
             metrics["ema_momentum"] = self.ema_momentum(self.iter)
             self.model.update_target(metrics["ema_momentum"])
         self.storage.put_scalars(**metrics, smoothing_hint=False)

@@ -36,6 +36,7 @@ from ..data.build import (
 from ..data.class_names import run_classes
 from ..evaluation.evaluate import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
+from ..modeling.pretext import MomentumTarget, reset_target
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import all_reduce_grads_, all_reduce_mean
 from ..utils.plots import BISSL_PLOTS
@@ -130,12 +131,15 @@ class BilevelTrainer(FaultChecks, TrainerBase):
             return
         self.start_iter = 0
         if self.cfg.MODEL.WEIGHTS:
-            load_pretext_checkpoint(self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name)
+            head_loaded = load_pretext_checkpoint(
+                self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name
+            )
         else:
             logger.warning("MODEL.WEIGHTS is empty: both levels start from random weights")
-            if hasattr(self.model.lower, "update_target"):
-                self.model.lower.update_target(momentum=0.0)
+            head_loaded = False
             self.model.copy_lower_backbone_to_upper()
+        if not head_loaded:
+            reset_target(self.model.lower)  # an EMA target starts as a copy of the online net
 
     @property
     def pretext_name(self) -> str:
@@ -296,7 +300,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         self.clip_and_check(self.lower_params, self.cfg.BISSL.LOWER.CLIP_GRAD_NORM, "lower", step)
         self.lower_optimizer.step()
         self.lower_scheduler.step()
-        if hasattr(self.model.lower, "update_target"):
+        if isinstance(self.model.lower, MomentumTarget):
             self.model.lower.update_target()
         pretext = pretext_loss.item()
         return pretext + proximity, pretext

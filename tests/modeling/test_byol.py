@@ -6,8 +6,14 @@ import math
 
 from bissl_det.bilevel import pretext_curvature
 from bissl_det.config import add_bissl_config
-from bissl_det.modeling.meta_arch import build_pretext_model
-from bissl_det.modeling.pretext import BYOL, byol_loss, cosine_ema_momentum
+from bissl_det.modeling.pretext import (
+    BYOL,
+    MomentumTarget,
+    byol_loss,
+    cosine_ema_momentum,
+    reset_target,
+)
+from bissl_det.modeling.pretext_tasks import build_pretext_model, pretext_names
 
 import numpy as np
 import pytest
@@ -191,3 +197,26 @@ def test_target_network_untouched_by_curvature_products(kind: str) -> None:
         *model.target_projector.state_dict().values(),
     ]
     assert any(not torch.equal(t, b) for t, b in zip(moved, before, strict=True))
+
+
+def test_pretext_registry_and_ema_interface() -> None:
+    cfg = add_bissl_config(get_cfg())
+    encoder = tiny_encoder()
+    encoder.feat_dim = 4
+    assert pretext_names() == ["byol", "simclr"]
+    cfg.MODEL.BISSL.PRETEXT = "SimCLR"  # config names are case-insensitive
+    assert not isinstance(build_pretext_model(cfg, encoder), MomentumTarget)
+    cfg.MODEL.BISSL.PRETEXT = "byol"
+    model = build_pretext_model(cfg, encoder)
+    assert isinstance(model, MomentumTarget)
+    # reset_target copies the online network into the target; a no-op without a target.
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    reset_target(model)
+    for t, o in zip(model.target_encoder.parameters(), model.encoder.parameters(), strict=True):
+        assert torch.equal(t, o)
+    reset_target(nn.Linear(2, 2))
+    cfg.MODEL.BISSL.PRETEXT = "moco"
+    with pytest.raises(ValueError, match="unknown pretext task 'moco' \\(byol, simclr\\)"):
+        build_pretext_model(cfg, encoder)

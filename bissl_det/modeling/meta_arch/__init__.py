@@ -1,3 +1,3 @@
-from .bissl import BackbonePairs, BiSSL, build_pretext_model, pair_by_suffix
+from .bissl import BackbonePairs, BiSSL, pair_by_suffix
 
-__all__ = ["BackbonePairs", "BiSSL", "build_pretext_model", "pair_by_suffix"]
+__all__ = ["BackbonePairs", "BiSSL", "pair_by_suffix"]

@@ -22,32 +22,8 @@ from torch.func import functional_call
 
 from ...checkpoint.pairing import BackbonePairs, pair_by_suffix
 from ..backbone import PooledEncoder, build_resnet_trunk
-from ..pretext import BYOL, SimCLR
+from ..pretext_tasks import build_pretext_model
 from ..sync_bn import use_float32_sync_bn_statistics
-
-
-def build_pretext_model(cfg, encoder: PooledEncoder) -> nn.Module:
-    """SimCLR or BYOL on top of ``encoder`` (MODEL.BISSL.PRETEXT)."""
-    name = cfg.MODEL.BISSL.PRETEXT.lower()
-    if name == "simclr":
-        return SimCLR(
-            encoder,
-            feat_dim=encoder.feat_dim,
-            projector_dims=(encoder.feat_dim, *cfg.MODEL.SIMCLR.PROJECTOR_DIMS),
-            temperature=cfg.MODEL.SIMCLR.TEMPERATURE,
-            gather=cfg.MODEL.SIMCLR.GATHER,
-            separate_views=cfg.MODEL.SIMCLR.SEPARATE_VIEWS,
-        )
-    if name == "byol":
-        projector = (encoder.feat_dim, *cfg.MODEL.BYOL.PROJECTOR_DIMS)
-        return BYOL(
-            encoder,
-            feat_dim=encoder.feat_dim,
-            projector_dims=projector,
-            predictor_dims=(projector[-1], *cfg.MODEL.BYOL.PREDICTOR_DIMS),
-            ema_momentum=cfg.MODEL.BYOL.EMA_MOMENTUM,
-        )
-    raise ValueError(f"MODEL.BISSL.PRETEXT: unknown pretext task {name!r} (simclr, byol)")
 
 
 @META_ARCH_REGISTRY.register()

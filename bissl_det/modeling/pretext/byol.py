@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ema import MomentumTarget
 from .projection import ProjectionMLP
 
 __all__ = ["BYOL", "byol_loss", "cosine_ema_momentum"]
@@ -54,7 +55,7 @@ def cosine_ema_momentum(base: float, step: int, total: int) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
-class BYOL(nn.Module):
+class BYOL(nn.Module, MomentumTarget):
     """Online encoder + projector + predictor; EMA target encoder + projector.
 
     The target modules are deep copies with ``requires_grad=False``. They follow the online
