@@ -312,3 +312,13 @@ def add_pretrain_config(cfg: CN) -> CN:
     # SyncBatchNorm: CUDA only; the BiSSL lower level keeps plain BN for double backward).
     cfg.PRETRAIN.SYNC_BN = False
     return cfg
+
+
+def config_value(cfg: CN, key: str):
+    """The value of a dotted key (``"CLS.NUM_WORKERS"``); KeyError naming it if absent."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"config has no key {key!r}")
+        node = node[part]
+    return node

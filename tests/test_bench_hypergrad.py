@@ -100,8 +100,7 @@ def test_tiny_benchmark_on_cuda(demo_workdir, tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
 def test_curvature_products_agree_on_cpu_and_cuda(kind):
-    from bissl_det.bilevel import tuple_norm
-    from bissl_det.bilevel import pretext_curvature
+    from bissl_det.bilevel import pretext_curvature, tuple_norm
     from bissl_det.modeling.pretext import SimCLR
 
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
+from bissl_det.data.tasks import standalone_task
 from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import load_config, setup
 from bissl_det.engine.signals import EXIT_INTERRUPTED, TrainingInterrupted
@@ -79,8 +80,8 @@ def main(args):
         raise SystemExit("search.py: a trial uses one device; parallelise with --workers N")
     options = options_from_args(args)
     # The batch-size checks of the tool whose training the trials run.
-    arch = load_config(args.config_file, args.opts).MODEL.META_ARCHITECTURE
-    tool = "eval_cls" if arch == "ResNetClassifier" else "finetune_det"
+    task = standalone_task(load_config(args.config_file, args.opts))
+    tool = task.train_tool if task is not None else "search"  # search_task names the problem
     return run_search(setup(args, tool=tool), options)
 
 

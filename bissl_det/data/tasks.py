@@ -15,7 +15,9 @@ Add a task with :func:`register_downstream_task`.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics, evaluate_classifier
+from ..utils.preemption import ignore_in_workers
 from .aspect_groups import build_grouped_train_loader
 from .catalog import dataset_dicts
 from .classification import ImageFolderDataset, VOC07MultiLabelDataset, classification_transforms
@@ -47,10 +50,15 @@ from .validation import check_image_paths
 
 __all__ = [
     "DownstreamTask",
+    "check_classification_model",
+    "classification_loader",
     "downstream_task",
+    "evaluate_downstream",
     "register_downstream_task",
     "registered_downstream_tasks",
+    "standalone_task",
 ]
+logger = logging.getLogger(__name__)
 
 # Meta-architecture that wraps an upper one (MODEL.BISSL.UPPER_META_ARCHITECTURE).
 BISSL_META_ARCHITECTURE = "BiSSL"
@@ -61,6 +69,10 @@ class DownstreamTask:
     """The data and evaluation of one upper meta-architecture.
 
     Attributes:
+        name: What the task is ("detection", "classification"); search spaces are keyed by it.
+        train_tool: The tool that trains this task on its own (``tools/<name>.py``): its batch
+            checks apply to a search trial.
+        workers_key: The config key of the training loader's worker count.
         build_train_loader: ``(cfg, total_batch, start_batches, seed)`` -> endless batches,
             resumable by position (``start_batches`` this process already drew).
         train_size: ``cfg`` -> number of training samples (head warm-up epochs -> iterations).
@@ -75,6 +87,9 @@ class DownstreamTask:
             DATASETS.CHECK_IMAGES. Raises with the data set, file or key.
     """
 
+    name: str
+    train_tool: str
+    workers_key: str
     build_train_loader: Callable[[CfgNode, int, int, int], Iterable]
     train_size: Callable[[CfgNode], int]
     build_test_loaders: Callable[[CfgNode], dict[str, Iterable]]
@@ -123,6 +138,28 @@ def downstream_task(cfg: CfgNode, required: bool = True) -> DownstreamTask | Non
         f"{key} = {arch!r} has no downstream task (train/test data, evaluator); registered: "
         f"{registered_downstream_tasks()} (bissl_det.data.tasks.register_downstream_task)"
     )
+
+
+def standalone_task(cfg: CfgNode) -> DownstreamTask | None:
+    """The task of MODEL.META_ARCHITECTURE trained on its own (None for BiSSL or a model
+    without a task): what a fine-tuning run or a search trial trains."""
+    return _TASKS.get(cfg.MODEL.META_ARCHITECTURE)
+
+
+def evaluate_downstream(cfg: CfgNode, model: nn.Module) -> OrderedDict:
+    """Evaluate ``model`` (an upper model, or BiSSL's upper level) on its task's test data.
+
+    The config's downstream task gives the test loaders and how each is scored; results are
+    keyed by test set ("cls" for classification).
+    """
+    task = downstream_task(cfg)
+    results = OrderedDict()
+    for name, loader in task.build_test_loaders(cfg).items():
+        metrics = task.evaluate(cfg, model, name, ignore_in_workers(loader))
+        if metrics is not None:
+            results[name] = metrics
+            logger.info("%s: %s", name, metrics)
+    return results
 
 
 # ---- Detection ----------------------------------------------------------------------------------
@@ -232,6 +269,9 @@ def _detection_check_masks(cfg: CfgNode, mode: str) -> None:
 register_downstream_task(
     "GeneralizedRCNN",
     DownstreamTask(
+        name="detection",
+        train_tool="finetune_det",
+        workers_key="DATALOADER.NUM_WORKERS",
         build_train_loader=_detection_train_loader,
         train_size=lambda cfg: len(_detection_train_dicts(cfg)),
         build_test_loaders=_detection_test_loaders,
@@ -273,41 +313,65 @@ def collate_classification(samples) -> dict[str, torch.Tensor]:
     }
 
 
+def classification_loader(
+    cfg: CfgNode,
+    dataset,
+    batch_size: int,
+    seed: int | None = None,
+    start_batches: int = 0,
+) -> DataLoader:
+    """Batches of (image, target) pairs from ``dataset`` at ``batch_size`` per process.
+
+    ``seed`` None: one finite, unshuffled pass (evaluation; each process sees all). Otherwise
+    endless, in the seeded order, full batches only, starting after ``start_batches`` batches.
+    """
+    if seed is None:
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=cfg.CLS.NUM_WORKERS,
+            collate_fn=collate_classification,
+        )
+    else:
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=InfiniteSampler(len(dataset), seed=seed, start=start_batches * batch_size),
+            num_workers=cfg.CLS.NUM_WORKERS,
+            collate_fn=collate_classification,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+        )
+    return ignore_in_workers(loader)  # signals: the training process alone stops
+
+
 def _classification_train_loader(cfg: CfgNode, total_batch: int, start_batches: int, seed: int):
     batch = per_process_batch(total_batch, "downstream IMS_PER_BATCH")
     dataset = classification_dataset(cfg, train=True)
-    return DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=InfiniteSampler(len(dataset), seed=seed, start=start_batches * batch),
-        num_workers=cfg.CLS.NUM_WORKERS,
-        collate_fn=collate_classification,
-        drop_last=True,
-        pin_memory=torch.cuda.is_available(),
-    )
+    return classification_loader(cfg, dataset, batch, seed, start_batches)
 
 
-def classification_test_loader(cfg: CfgNode, batch_size: int = 64) -> DataLoader:
-    """Finite, unshuffled loader of the classification test set (each process sees all)."""
-    return DataLoader(
-        classification_dataset(cfg, train=False),
-        batch_size=batch_size,
-        num_workers=cfg.CLS.NUM_WORKERS,
-        collate_fn=collate_classification,
-    )
-
-
-def _classification_num_classes(cfg: CfgNode) -> int | None:
-    """MODEL.CLASSIFIER.NUM_CLASSES against the classes of CLS.TRAIN_ROOT."""
-    if not cfg.CLS.TRAIN_ROOT:
-        return None
-    classes = classification_dataset(cfg, train=True).classes
+def check_classification_model(cfg: CfgNode, train_set) -> int:
+    """MODEL.CLASSIFIER (MULTI_LABEL, NUM_CLASSES) against CLS.TRAIN_ROOT's data; the count."""
+    multi_label = cfg.CLS.FORMAT == "voc07"
+    if multi_label != cfg.MODEL.CLASSIFIER.MULTI_LABEL:
+        raise ValueError(
+            f"MODEL.CLASSIFIER.MULTI_LABEL = {cfg.MODEL.CLASSIFIER.MULTI_LABEL} but CLS.FORMAT = "
+            f"{cfg.CLS.FORMAT!r} (voc07 is multi-label, imagefolder single-label)"
+        )
+    classes = train_set.classes
     if len(classes) != cfg.MODEL.CLASSIFIER.NUM_CLASSES:
         raise ValueError(
             f"MODEL.CLASSIFIER.NUM_CLASSES = {cfg.MODEL.CLASSIFIER.NUM_CLASSES}, but "
             f"CLS.TRAIN_ROOT {cfg.CLS.TRAIN_ROOT!r} has {len(classes)} classes {classes}"
         )
     return len(classes)
+
+
+def _classification_num_classes(cfg: CfgNode) -> int | None:
+    if not cfg.CLS.TRAIN_ROOT:
+        return None
+    return check_classification_model(cfg, classification_dataset(cfg, train=True))
 
 
 def _classification_check_images(cfg: CfgNode, mode: str) -> None:
@@ -324,9 +388,14 @@ def _classification_check_images(cfg: CfgNode, mode: str) -> None:
 register_downstream_task(
     "ResNetClassifier",
     DownstreamTask(
+        name="classification",
+        train_tool="eval_cls",
+        workers_key="CLS.NUM_WORKERS",
         build_train_loader=_classification_train_loader,
         train_size=lambda cfg: len(classification_dataset(cfg, train=True)),
-        build_test_loaders=lambda cfg: {"cls": classification_test_loader(cfg)},
+        build_test_loaders=lambda cfg: {
+            "cls": classification_loader(cfg, classification_dataset(cfg, train=False), 64)
+        },
         evaluate=lambda cfg, model, name, loader: evaluate_classifier(
             model, loader, cfg.MODEL.CLASSIFIER.MULTI_LABEL
         ),

@@ -13,29 +13,23 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.classification import classification_transforms
 from ..data.common import normalisation, per_process_batch
-from ..data.pretext import InfiniteSampler
-from ..data.tasks import classification_dataset, collate_classification
-from ..utils.preemption import ignore_in_workers
+from ..data.tasks import (
+    check_classification_model,
+    classification_dataset,
+    classification_loader,
+    standalone_task,
+)
 
 
 def check_classification_config(cfg: CfgNode, train_set: Dataset) -> None:
     """Errors naming the key when the model and the data disagree."""
-    if cfg.MODEL.META_ARCHITECTURE != "ResNetClassifier":
+    task = standalone_task(cfg)
+    if task is None or task.name != "classification":
         raise ValueError(
             f"MODEL.META_ARCHITECTURE = {cfg.MODEL.META_ARCHITECTURE!r}: classification transfer "
-            "needs 'ResNetClassifier'"
+            "needs the classification task's model ('ResNetClassifier')"
         )
-    multi_label = cfg.CLS.FORMAT == "voc07"
-    if multi_label != cfg.MODEL.CLASSIFIER.MULTI_LABEL:
-        raise ValueError(
-            f"MODEL.CLASSIFIER.MULTI_LABEL = {cfg.MODEL.CLASSIFIER.MULTI_LABEL} but CLS.FORMAT = "
-            f"{cfg.CLS.FORMAT!r} (voc07 is multi-label, imagefolder single-label)"
-        )
-    if len(train_set.classes) != cfg.MODEL.CLASSIFIER.NUM_CLASSES:
-        raise ValueError(
-            f"MODEL.CLASSIFIER.NUM_CLASSES = {cfg.MODEL.CLASSIFIER.NUM_CLASSES}, but "
-            f"{cfg.CLS.TRAIN_ROOT} has {len(train_set.classes)} classes {train_set.classes}"
-        )
+    check_classification_model(cfg, train_set)
 
 
 def held_out_indices(num: int, fraction: float, seed: int) -> list[int]:
@@ -83,28 +77,13 @@ def eval_view(cfg: CfgNode, dataset: Dataset) -> Dataset:
 
 def build_cls_eval_loader(cfg: CfgNode, dataset: Dataset) -> DataLoader:
     """Finite, unshuffled loader at CLS.SOLVER.TEST_IMS_PER_BATCH."""
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.CLS.SOLVER.TEST_IMS_PER_BATCH,
-        num_workers=cfg.CLS.NUM_WORKERS,
-        collate_fn=collate_classification,
-    )
-    return ignore_in_workers(loader)
+    return classification_loader(cfg, dataset, cfg.CLS.SOLVER.TEST_IMS_PER_BATCH)
 
 
 def build_cls_train_loader(cfg: CfgNode, dataset: Dataset, seed: int) -> DataLoader:
     """Endless augmented loader at CLS.SOLVER.IMS_PER_BATCH (seeded order, full batches)."""
     batch = per_process_batch(cfg.CLS.SOLVER.IMS_PER_BATCH, "CLS.SOLVER.IMS_PER_BATCH")
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=InfiniteSampler(len(dataset), seed=seed),
-        num_workers=cfg.CLS.NUM_WORKERS,
-        collate_fn=collate_classification,
-        drop_last=True,
-        pin_memory=torch.cuda.is_available(),
-    )
-    return ignore_in_workers(loader)
+    return classification_loader(cfg, dataset, batch, seed)
 
 
 def training_iters(cfg: CfgNode, num_images: int) -> int:

@@ -14,17 +14,18 @@ import logging
 
 from detectron2.config import CfgNode
 
+from ..config import config_value
+from ..data.tasks import BISSL_META_ARCHITECTURE, downstream_task
+
 logger = logging.getLogger(__name__)
 
 
 def inexact_resume_reasons(cfg: CfgNode) -> list[str]:
     """Why a resumed run of ``cfg`` may differ from an uninterrupted one (empty: exact)."""
     workers = {"BISSL.PRETEXT_DATA.NUM_WORKERS": cfg.BISSL.PRETEXT_DATA.NUM_WORKERS}
-    if cfg.MODEL.META_ARCHITECTURE == "BiSSL":
-        # Detection data comes from DATASETS.TRAIN; classification from CLS.TRAIN_ROOT.
-        detection = bool(cfg.DATASETS.TRAIN)
-        key = "DATALOADER.NUM_WORKERS" if detection else "CLS.NUM_WORKERS"
-        workers[key] = cfg.DATALOADER.NUM_WORKERS if detection else cfg.CLS.NUM_WORKERS
+    if cfg.MODEL.META_ARCHITECTURE == BISSL_META_ARCHITECTURE:
+        key = downstream_task(cfg).workers_key  # the upper level's training loader
+        workers[key] = config_value(cfg, key)
     return [
         f"{key} = {value}: loader workers restart their RNG from the seed, so random "
         "augmentations after the resume differ (set it to 0 for an exact resume)"

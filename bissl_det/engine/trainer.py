@@ -34,7 +34,7 @@ from ..data.build import (
     pretext_batch_to_device,
 )
 from ..data.class_names import run_classes
-from ..evaluation.evaluate import evaluate_downstream
+from ..data.tasks import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
 from ..modeling.pretext import MomentumTarget, reset_target
 from ..solver.build import build_lars, build_scheduler

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import torch
 from detectron2.config import CfgNode
@@ -15,7 +14,6 @@ from detectron2.evaluation import (
 )
 
 from ..compat import has_compiled_ops
-from ..utils.preemption import ignore_in_workers
 from .classification import mean_per_class_accuracy, top1_accuracy, voc07_map
 
 logger = logging.getLogger(__name__)
@@ -99,22 +97,3 @@ def classification_metrics(logits, targets, multi_label: bool) -> dict[str, floa
         "mean_per_class_acc": 100.0
         * float(mean_per_class_accuracy(logits, targets, logits.shape[1])),
     }
-
-
-def evaluate_downstream(cfg: CfgNode, model: torch.nn.Module) -> OrderedDict:
-    """Evaluate ``model`` (an upper model, or BiSSL's upper level) on its task's test data.
-
-    The config's downstream task (:mod:`bissl_det.data.tasks`) gives the test loaders and how
-    each is scored; results are keyed by test set ("cls" for classification).
-    """
-    # Imported here: the task registry builds on this module's evaluators.
-    from ..data.tasks import downstream_task
-
-    task = downstream_task(cfg)
-    results = OrderedDict()
-    for name, loader in task.build_test_loaders(cfg).items():
-        metrics = task.evaluate(cfg, model, name, ignore_in_workers(loader))
-        if metrics is not None:
-            results[name] = metrics
-            logger.info("%s: %s", name, metrics)
-    return results

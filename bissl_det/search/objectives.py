@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.utils.env import seed_all_rng
 
+from ..config import config_value
+from ..data.tasks import registered_downstream_tasks, standalone_task
 from ..engine.cls_data import held_out_indices, load_search_data
 from ..engine.cls_trainer import read_classifier_backbone, train_classifier
 from ..engine.finetune import FinetuneTrainer, summarise
@@ -36,37 +39,47 @@ class SearchTask:
     ranges: dict[str, tuple[float, float]]
 
 
-def _lookup(cfg: CfgNode, key: str):
-    return functools.reduce(getattr, key.split("."), cfg)
+@dataclass(frozen=True)
+class SearchSpace:
+    """How one downstream task is searched.
+
+    Attributes:
+        metric: ``cfg`` -> the validation metric maximised (checked).
+        ranges: {searched config key: config key of its (low, high) range}.
+        objective: ``(cfg, task, linear_probe)`` -> ``(params, trial number) -> metric``.
+    """
+
+    metric: Callable[[CfgNode], str]
+    ranges: dict[str, str]
+    objective: Callable[[CfgNode, SearchTask, bool], Callable[[dict[str, float], int], float]]
+
+
+def _detection_metric(cfg: CfgNode) -> str:
+    if cfg.DET_SEARCH.METRIC not in DETECTION_METRICS:
+        raise ValueError(
+            f"DET_SEARCH.METRIC = {cfg.DET_SEARCH.METRIC!r}: use one of {DETECTION_METRICS}"
+        )
+    return cfg.DET_SEARCH.METRIC
 
 
 def search_task(cfg: CfgNode) -> SearchTask:
-    """The search a config calls for, from its MODEL.META_ARCHITECTURE; ranges checked."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch == "ResNetClassifier":
-        name, metric = "classification", "mAP" if cfg.MODEL.CLASSIFIER.MULTI_LABEL else "top1"
-        keys = {"CLS.SOLVER.BASE_LR": "CLS.SEARCH.LR_RANGE"}
-        keys["CLS.SOLVER.WEIGHT_DECAY"] = "CLS.SEARCH.WD_RANGE"
-    elif arch == "GeneralizedRCNN":
-        name, metric = "detection", cfg.DET_SEARCH.METRIC
-        if metric not in DETECTION_METRICS:
-            raise ValueError(f"DET_SEARCH.METRIC = {metric!r}: use one of {DETECTION_METRICS}")
-        keys = {
-            "SOLVER.BASE_LR": "DET_SEARCH.LR_RANGE",
-            "SOLVER.WEIGHT_DECAY": "DET_SEARCH.WD_RANGE",
-        }
-    else:
+    """The search a config calls for, from its downstream task; ranges checked."""
+    task = standalone_task(cfg)
+    if task is None or task.name not in SEARCH_SPACES:
         raise ValueError(
-            f"MODEL.META_ARCHITECTURE = {arch!r}: tools/search.py searches 'ResNetClassifier' "
-            "(tools/eval_cls.py) or 'GeneralizedRCNN' (tools/finetune_det.py) configs"
+            f"MODEL.META_ARCHITECTURE = {cfg.MODEL.META_ARCHITECTURE!r}: tools/search.py "
+            f"searches a model trained alone for one of the tasks {sorted(SEARCH_SPACES)} "
+            f"(models with a task: {registered_downstream_tasks()})"
         )
+    space = SEARCH_SPACES[task.name]
+    metric = space.metric(cfg)
     ranges = {}
-    for param, range_key in keys.items():
-        bounds = tuple(float(b) for b in _lookup(cfg, range_key))
+    for param, range_key in space.ranges.items():
+        bounds = tuple(float(b) for b in config_value(cfg, range_key))
         if len(bounds) != 2 or not 0.0 < bounds[0] < bounds[1]:
             raise ValueError(f"{range_key} = {bounds}: need (low, high) with 0 < low < high")
         ranges[param] = bounds
-    return SearchTask(name, metric, ranges)
+    return SearchTask(task.name, metric, ranges)
 
 
 def with_params(cfg: CfgNode, params: dict[str, float], output_dir: str | Path) -> CfgNode:
@@ -167,10 +180,33 @@ class DetectionObjective:
         return metrics[self.task.metric]
 
 
-def build_objective(cfg: CfgNode, task: SearchTask, linear_probe: bool = False):
-    """The objective of ``task`` (built in each worker: it loads data and weights)."""
-    if task.name == "classification":
-        return ClassificationObjective(cfg, task, linear_probe)
+def _detection_objective(cfg: CfgNode, task: SearchTask, linear_probe: bool):
     if linear_probe:
         raise ValueError("--linear-probe is for classification configs only")
     return DetectionObjective(cfg, task)
+
+
+# One entry per searchable downstream task (data/tasks.py), keyed by its name.
+SEARCH_SPACES: dict[str, SearchSpace] = {
+    "classification": SearchSpace(
+        metric=lambda cfg: "mAP" if cfg.MODEL.CLASSIFIER.MULTI_LABEL else "top1",
+        ranges={
+            "CLS.SOLVER.BASE_LR": "CLS.SEARCH.LR_RANGE",
+            "CLS.SOLVER.WEIGHT_DECAY": "CLS.SEARCH.WD_RANGE",
+        },
+        objective=ClassificationObjective,
+    ),
+    "detection": SearchSpace(
+        metric=_detection_metric,
+        ranges={
+            "SOLVER.BASE_LR": "DET_SEARCH.LR_RANGE",
+            "SOLVER.WEIGHT_DECAY": "DET_SEARCH.WD_RANGE",
+        },
+        objective=_detection_objective,
+    ),
+}
+
+
+def build_objective(cfg: CfgNode, task: SearchTask, linear_probe: bool = False):
+    """The objective of ``task`` (built in each worker: it loads data and weights)."""
+    return SEARCH_SPACES[task.name].objective(cfg, task, linear_probe)
