@@ -10,11 +10,17 @@ two modules once under a filter for exactly that message. Later imports are cach
 detectron2 v0.6's anchor generator calls ``torch.meshgrid`` without ``indexing=`` (its result
 is the "ij" default either way) and torch warns at the first training step: that message is
 filtered for good (the call is inside torch.functional, whoever calls it).
+
+``torch.utils.cpp_extension`` (imported by detectron2's environment report, which every tool
+logs at start-up) logs "No CUDA runtime is found, using CUDA_HOME=..." on any machine without a
+GPU that has a CUDA toolkit folder: a statement about compiling extensions, which this project
+never does. A filter on that logger drops exactly that line; its other warnings still show.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 
 TORCH_JIT_DEPRECATION = r"`torch\.jit\.script` is (deprecated|not supported)"
@@ -22,6 +28,18 @@ MESHGRID_INDEXING = (
     r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing"
 )
 SCRIPTED_AT_IMPORT = ("fvcore.nn.focal_loss", "detectron2.modeling.box_regression")
+NO_CUDA_RUNTIME = "No CUDA runtime is found, using CUDA_HOME="
+
+
+class DropMessage(logging.Filter):
+    """Drops the records of one logger whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def import_quietly(modules: tuple[str, ...] = SCRIPTED_AT_IMPORT) -> None:
@@ -36,3 +54,5 @@ import_quietly()
 warnings.filterwarnings(
     "ignore", message=MESHGRID_INDEXING, category=UserWarning, module="torch.functional"
 )
+# Before anything imports torch.utils.cpp_extension (it logs once, at import).
+logging.getLogger("torch.utils.cpp_extension").addFilter(DropMessage(NO_CUDA_RUNTIME))
