@@ -33,11 +33,11 @@ demo: install
 	$(PY) tools/run_demo.py
 
 bench: install
-	$(PY) benchmarks/bench_bilevel.py
+	$(PY) -m benchmarks.bench_bilevel
 
 # GPU tests, one full-size stage and both benchmarks on CUDA (< 8 min); a dry run without CUDA.
 gpu-check: install
-	$(PY) benchmarks/gpu_check.py
+	$(PY) -m benchmarks.gpu_check
 
 # The CPU reference study (docs/studies.md): Fashion-MNIST from Debian's dataset-fashion-mnist
 # (installed when missing and apt-get is there), converted to folders, then tools/study.py.

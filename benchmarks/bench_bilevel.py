@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_bilevel.py [--device cpu|cuda] [--image-size N] [--quick]
+    python -m benchmarks.bench_bilevel [--device cpu|cuda] [--image-size N] [--quick]
                                        [--out benchmarks/results/<name>.json]
 
 Every figure is a ratio ``time(thing) / time(baseline)``, both medians of ``--repeats`` runs after
@@ -36,9 +36,7 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +61,8 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.func import functional_call
 
-REPO = Path(__file__).resolve().parents[1]
+from .harness import REPO, cpu_has_bf16, machine_info, measure, ratio, write_json
+
 CONFIGS = {
     "cls": REPO / "configs" / "quick" / "Base-demo-cls.yaml",
     "det": REPO / "configs" / "quick" / "Base-demo-C4.yaml",
@@ -126,11 +125,6 @@ def build_cfg(kind: str, args: argparse.Namespace, output_dir: str):
     cfg.freeze()
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     return cfg
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Bench:
@@ -224,34 +218,6 @@ class Bench:
             torch.randn(p.shape, generator=gen, device=self.device, dtype=p.dtype)
             for p in self.model.backbone_pairs.lower
         )
-
-
-# ---- Timing ----------------------------------------------------------------------------------
-
-
-def measure(
-    fn: Callable[[], object],
-    device: torch.device,
-    repeats: int,
-    warmup: int,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict:
-    """Median time of ``fn`` (seconds of ``clock``, wall by default) over ``repeats`` runs after
-    ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = clock()
-        fn()
-        synchronize(device)
-        times.append(clock() - start)
-    return {"median_s": statistics.median(times), "times_s": [round(t, 4) for t in times]}
-
-
-def ratio(a: dict, b: dict) -> float:
-    return a["median_s"] / b["median_s"]
 
 
 # ---- Wrappers for the options (no trainer edits) ----------------------------------------------
@@ -431,7 +397,7 @@ def bench_options(bench: Bench, run, t: dict, r: dict) -> dict:
         "channels_last": lambda: channels_last(bench),
         "checkpoint": lambda: checkpointed_blocks(bench.model),
     }
-    if dev.type == "cpu" and not _cpu_has_bf16():
+    if dev.type == "cpu" and not cpu_has_bf16():
         notes["bf16"] = "CPU without avx512_bf16/amx_bf16: bf16 is emulated"
     for tag, make in variants.items():
         try:
@@ -443,13 +409,6 @@ def bench_options(bench: Bench, run, t: dict, r: dict) -> dict:
         for name in measured:
             r[f"option_{tag}/{name}"] = ratio(t[f"{name}_{tag}"], t[f"{name}_fp32"])
     return notes
-
-
-def _cpu_has_bf16() -> bool:
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
 
 
 # ---- (d) peak memory -------------------------------------------------------------------------
@@ -510,7 +469,8 @@ def child_args(args: argparse.Namespace, kind: str, thing: str) -> list[str]:
     keep = ("device", "image_size", "crop_size", "pretext_batch", "det_batch", "cls_batch",
             "cls_image_size", "rois_per_image", "lower_steps", "upper_steps",
             "threads")  # fmt: skip
-    argv = [sys.executable, __file__, "--memory-child", thing, "--model", kind]
+    argv = [sys.executable, "-m", "benchmarks.bench_bilevel", "--memory-child", thing]
+    argv += ["--model", kind]
     for key in keep:
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return argv + (["--quick"] if args.quick else [])
@@ -563,30 +523,6 @@ GOALS = {
     f"fast_over_reference_amortised_NU{AMORTISE_OVER}": "<= 0.6",
     f"upper_K{REFERENCE_K}_over_plain_plus_K_hvp": "<= 4",
 }
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": _cpu_has_bf16(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def format_table(results: dict) -> str:
@@ -678,8 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"load average start {results['load_average_start']} end {results['load_average_end']}; "
           f"total {results['total_s']:.0f} s")  # fmt: skip
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.out, results, device)
         print(f"wrote {args.out}")
     return results
 

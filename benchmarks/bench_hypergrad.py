@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_hypergrad.py [--quick] [--device cpu|cuda] [--threads 1]
+    python -m benchmarks.bench_hypergrad [--quick] [--device cpu|cuda] [--threads 1]
                                          [--out benchmarks/results/hypergrad_<mode>_<device>.json]
 
 One process. The lower model is trained first (SimCLR on the demo data, the trainer's own
@@ -34,20 +34,16 @@ import contextlib
 import ctypes
 import gc
 import itertools
-import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bissl_det.bilevel import (  # noqa: E402
+from bissl_det.bilevel import (
     Curvature,
     EmpiricalFisherCurvature,
     ProductCurvature,
@@ -58,14 +54,15 @@ from bissl_det.bilevel import (  # noqa: E402
     tuple_cosine,
     tuple_norm,
 )
-from bissl_det.engine.hypergrad import Hypergradient  # noqa: E402
+from bissl_det.engine.hypergrad import Hypergradient
 
-import bench_bilevel as bb  # noqa: E402  (the ratio benchmark's set-up, timing and machine info)
-import torch  # noqa: E402
-from common import minres  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
+import torch
+from detectron2.utils.events import EventStorage
 
-REPO = bb.REPO
+from . import bench_bilevel as bb  # the ratio benchmark's set-up of a trainer on fixed batches
+from .common import minres
+from .harness import REPO, demo_workdir, measure, synchronize, write_json
+
 GOAL_COS, GOAL_TIME = 0.99, 0.35
 GOAL = f"cos_to_converged >= {GOAL_COS} at stage_time_over_authors <= {GOAL_TIME}"
 FISHER_HISTORY = 20
@@ -94,26 +91,6 @@ PRESETS = {  # --quick: narrow ResNet-50, small images; full: the project's earl
 
 
 # ---- Set-up: a trained lower model, real downstream gradients ---------------------------------
-
-
-def demo_workdir(sizes: dict, data_root: str = "") -> Path:
-    """A folder holding ``datasets/demo``: ``data_root`` as given, or one made once per size."""
-    if data_root:
-        root = Path(data_root).resolve()
-        if not (root / "datasets" / "demo").is_dir():
-            raise FileNotFoundError(f"--data-root {root}: no datasets/demo inside")
-        return root
-    root = REPO / "output" / "bench_data" / "_".join(f"{v}" for v in sizes.values())
-    if not (root / "datasets" / "demo" / "demo_info.json").is_file():
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "make_demo_data", REPO / "datasets" / "make_demo_data.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.make_demo_data(root / "datasets" / "demo", seed=0, **sizes)
-    return root
 
 
 def build_cfg(kind: str, args: argparse.Namespace, output_dir: str, lower_steps: int):
@@ -363,12 +340,12 @@ def run_stage_solves(problem: Problem, make, memory: PeakMemory, clock) -> dict:
     device = problem.params[0].device
     out: dict = {}
     with memory.measure(out):
-        bb.synchronize(device)
+        synchronize(device)
         start = clock()
         solver = make(problem)
         results = [solver.solve(g) for g in problem.gs]
         solver.release()
-        bb.synchronize(device)
+        synchronize(device)
         out["seconds"] = clock() - start
     out["products"] = solver.products()
     out["xs"] = [x for x, _ in results]
@@ -574,8 +551,8 @@ def measure_stages(problem: Problem, names: list[str], args, log) -> dict:
     bench.trainer._pretext_iter = itertools.repeat(bench.pretext)
     bench.trainer._downstream_iter = itertools.repeat(bench.downstream)
     clock = CLOCKS[args.clock]
-    plain_pretext = bb.measure(bench.plain_pretext_step, device, args.plain_repeats, 1, clock)
-    plain_down = bb.measure(bench.plain_downstream_step, device, args.plain_repeats, 1, clock)
+    plain_pretext = measure(bench.plain_pretext_step, device, args.plain_repeats, 1, clock)
+    plain_down = measure(bench.plain_downstream_step, device, args.plain_repeats, 1, clock)
     log(
         f"  plain pretext step {plain_pretext['median_s']:.3f} s, plain downstream step "
         f"{plain_down['median_s']:.3f} s"
@@ -586,7 +563,7 @@ def measure_stages(problem: Problem, names: list[str], args, log) -> dict:
         for name in names:
             configure_trainer(bench, name, n_l, n_u, problem.history)
             with EventStorage(0) as bench.trainer.storage:
-                timing = bb.measure(bench.trainer.run_step, device, args.stage_repeats, 0, clock)
+                timing = measure(bench.trainer.run_step, device, args.stage_repeats, 0, clock)
             ratio = timing["median_s"] / plain
             out[f"{name} @ {steps}"] = {
                 "estimator": name,
@@ -650,22 +627,6 @@ def stage_table(stages: dict) -> str:
         ratio = s["stage_over_plain_steps"]
         lines.append(f"| {s['N_L']} x {s['N_U']} | {s['estimator']} | {ratio:.2f} | {goal} |")
     return "\n".join(lines)
-
-
-def provenance(device: torch.device) -> dict:
-    import subprocess
-
-    def git(*cmd: str) -> str:
-        done = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=False)
-        return done.stdout.strip()
-
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_bilevel": git("status", "--porcelain", "--", "bissl_det/bilevel").splitlines(),
-        "machine": bb.machine_info(device),
-        "argv": sys.argv,
-        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -751,14 +712,12 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "estimators": {},
         "settings": settings,
-        "provenance": provenance(device),
         "models": {},
         "load_average_start": os.getloadavg(),
     }
 
-    def save() -> None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    def save() -> None:  # after every model: a long run that dies keeps what it measured
+        write_json(args.out, results, device)
 
     recommended = None
     for kind in args.models.split(","):

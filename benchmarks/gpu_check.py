@@ -4,16 +4,17 @@ Steps (each a subprocess with its own timeout; a failing step does not stop the 
 the exit status non-zero; ``benchmarks/results/gpu_check.json`` is rewritten after every step):
 
 1. ``tests``: the tests that use CUDA (pytest marker ``gpu``);
-2. ``data``: ``benchmarks/bench_data.py --quick --threads 1``: the pretext loader's images/s per
-   core at 96 and 224 px on this machine's CPU, and the workers per GPU it needs;
+2. ``data``: ``python -m benchmarks.bench_data --quick --threads 1``: the pretext loader's
+   images/s per core at 96 and 224 px on this machine's CPU, and the workers per GPU it needs;
 3. ``stage``: one full-size R50-C4 BiSSL stage (full-width ResNet-50, SimCLR, pretext batch 256 at
    96 px, detection batch 2 at 800 px, N_L = 20, N_U = 8, the default estimator), twice; then a
    plain pretext step (P) and a plain downstream step (D): stage / (N_L P + N_U D); the memory
    planner's estimate next to ``torch.cuda.max_memory_allocated``; the TF32 check (one curvature
    product with TF32 on and off: relative difference and time);
-4. ``bench_bilevel``: ``benchmarks/bench_bilevel.py --device cuda`` at GPU sizes, detection only;
-5. ``bench_hypergrad``: ``benchmarks/bench_hypergrad.py --device cuda --quick``, detection only
-   (the full preset took 2,888 s on the CPU: it is a CPU benchmark).
+4. ``bench_bilevel``: ``python -m benchmarks.bench_bilevel --device cuda`` at GPU sizes,
+   detection only;
+5. ``bench_hypergrad``: ``python -m benchmarks.bench_hypergrad --device cuda --quick``, detection
+   only (the full preset took 2,888 s on the CPU: it is a CPU benchmark).
 
 Sizing: each timeout is about twice the step's expected time on one H100 (estimated from the
 number of passes and products at these sizes; no GPU run has confirmed it yet: each step's
@@ -26,7 +27,7 @@ summary is printed from it, and the exit status is 0 if that worked.
 
 Usage::
 
-    python benchmarks/gpu_check.py [--dry-run] [--steps tests,data,stage,bench_bilevel,...]
+    python -m benchmarks.gpu_check [--dry-run] [--steps tests,data,stage,bench_bilevel,...]
 """
 
 from __future__ import annotations
@@ -68,12 +69,11 @@ TINY_STAGE = {
 
 def step_commands(python: str) -> dict[str, list[str]]:
     """The command line of every step on a CUDA machine."""
-    bench = REPO / "benchmarks"
     return {
         "tests": [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
         "data": [
             python,
-            str(bench / "bench_data.py"),
+            *["-m", "benchmarks.bench_data"],
             "--quick",
             "--threads",
             "1",
@@ -82,7 +82,7 @@ def step_commands(python: str) -> dict[str, list[str]]:
         ],
         "stage": [
             python,
-            str(bench / "gpu_check.py"),
+            *["-m", "benchmarks.gpu_check"],
             "--run-stage",
             "cuda",
             "--stage-out",
@@ -90,7 +90,7 @@ def step_commands(python: str) -> dict[str, list[str]]:
         ],
         "bench_bilevel": [
             python,
-            str(bench / "bench_bilevel.py"),
+            *["-m", "benchmarks.bench_bilevel"],
             "--device",
             "cuda",
             "--image-size",
@@ -115,7 +115,7 @@ def step_commands(python: str) -> dict[str, list[str]]:
         ],
         "bench_hypergrad": [
             python,
-            str(bench / "bench_hypergrad.py"),
+            *["-m", "benchmarks.bench_hypergrad"],
             "--device",
             "cuda",
             "--quick",
@@ -132,20 +132,21 @@ def step_commands(python: str) -> dict[str, list[str]]:
 
 def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
     """Build the R50-C4 BiSSL trainer at full (or tiny) size and time two stages."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from bissl_det.config import add_bissl_config
     from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
     from bissl_det.engine.memory_plan import plan_stage_memory
     from bissl_det.engine.trainer import BilevelTrainer
 
-    import bench_bilevel as bb
-    import bench_hypergrad as bh
     import torch
     from detectron2.config import get_cfg
     from detectron2.utils.events import EventStorage
 
+    from . import bench_bilevel as bb
+    from . import bench_hypergrad as bh
+    from .harness import demo_workdir, synchronize
+
     sizes = TINY_STAGE if tiny else FULL_STAGE
-    os.chdir(bh.demo_workdir(bh.PRESETS["quick" if tiny else "full"]["data"], data_root))
+    os.chdir(demo_workdir(bh.PRESETS["quick" if tiny else "full"]["data"], data_root))
     args = argparse.Namespace(device=device, quick=tiny, cls_batch=8, cls_image_size=64, **sizes)
     result: dict = {"sizes": sizes, "device": device, "tiny": tiny}
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,17 +178,17 @@ def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
             for _ in range(2):
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                bb.synchronize(dev)
+                synchronize(dev)
                 start = time.perf_counter()
                 trainer.run_step()
-                bb.synchronize(dev)
+                synchronize(dev)
                 seconds.append(time.perf_counter() - start)
             latest = {k: v[0] for k, v in trainer.storage.latest().items()}
             if dev.type == "cuda":
                 result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 result["gpu"] = torch.cuda.get_device_name(dev)
-            result["plain_s"] = plain_steps(trainer, dev, bb.synchronize)
-            result["tf32_check"] = tf32_check(trainer, dev, bb.synchronize)
+            result["plain_s"] = plain_steps(trainer, dev, synchronize)
+            result["tf32_check"] = tf32_check(trainer, dev, synchronize)
         result["stage_s"] = seconds
         result["metrics"] = latest
         n_l, n_u = sizes["lower_steps"], sizes["upper_steps"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import bissl_det  # noqa: F401  (shims before detectron2)
+from bissl_det.data.demo import make_demo_data
 
 import pytest
 
@@ -21,20 +21,11 @@ NARROW_RESNET = [
 ]  # fmt: skip
 
 
-def _make_demo_data():
-    spec = importlib.util.spec_from_file_location(
-        "make_demo_data", REPO / "datasets" / "make_demo_data.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_demo_data
-
-
 @pytest.fixture(scope="session")
 def demo_workdir(tmp_path_factory) -> Path:
     """A folder holding ``datasets/demo`` (tiny): configs' relative data paths resolve in it."""
     root = tmp_path_factory.mktemp("demo_work")
-    _make_demo_data()(
+    make_demo_data(
         root / "datasets" / "demo",
         seed=0,
         num_train=24,

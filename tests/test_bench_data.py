@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from benchmarks import bench_data
 from bissl_det.data.pretext import TwoViewAugmentation
 
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import bench_data  # noqa: E402
 
 
 def test_bench_data_writes_the_issue_keys(tmp_path: Path) -> None:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+
+from benchmarks import bench_hypergrad as bh
+from benchmarks import gpu_check
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import bench_hypergrad as bh  # noqa: E402
-import gpu_check  # noqa: E402
 
 TINY = ["authors (recomputing+layerwise_cg5)", "hessian+cg5", "ggn+lanczos5",
         "fisher+woodbury20", "first_order"]  # fmt: skip

@@ -1,28 +1,17 @@
 """The synthetic demo set: files, VOC boxes, detectron2's own loader, determinism by seed."""
 
-import importlib.util
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import bissl_det  # noqa: F401  (shims before detectron2)
+from bissl_det.data import demo
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "datasets" / "make_demo_data.py"
 TINY = {"num_train": 6, "num_test": 2, "image_size": 64, "num_cls_train": 7, "num_cls_test": 4}
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_script()
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:

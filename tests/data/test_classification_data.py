@@ -102,13 +102,9 @@ def test_voc07_multilabel_targets(tmp_path):
 
 
 def test_voc07_multilabel_on_demo_data(tmp_path):
-    import importlib.util
+    from bissl_det.data.demo import make_demo_data
 
-    script = Path(__file__).resolve().parents[2] / "datasets" / "make_demo_data.py"
-    spec = importlib.util.spec_from_file_location("make_demo_data", script)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    info = demo.make_demo_data(
+    info = make_demo_data(
         tmp_path, seed=0, num_train=4, num_test=2, image_size=48, num_cls_train=4, num_cls_test=4
     )
     ds = VOC07MultiLabelDataset(
