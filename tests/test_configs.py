@@ -13,7 +13,8 @@ from detectron2.modeling import build_model
 
 from .conftest import CONFIGS, NARROW_RESNET
 
-ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+# configs/study/*.yaml are study files of tools/study.py (tests/tools/test_study.py), not configs.
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS / "study")
 LEAVES = [p for p in ALL_CONFIGS if not p.name.startswith("Base-")]
 BISSL_LEAVES = sorted((CONFIGS / "bissl").glob("[!B]*.yaml"))
 IDS = {"ids": lambda p: str(p.relative_to(CONFIGS))}
