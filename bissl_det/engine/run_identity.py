@@ -129,15 +129,25 @@ def describe(record: Mapping) -> str:
 
 
 def differences(theirs: Mapping, ours: Mapping, limit: int = 12) -> list[str]:
-    """``KEY: <theirs> there, <ours> here`` for each identity value that differs."""
+    """``KEY: <theirs> there, <ours> here`` for each identity value that differs.
+
+    Keys that only one side has are a code version's new (or removed) config keys, not a
+    change of the run: they are not compared.
+    """
     a, b = theirs.get("keys", {}), ours.get("keys", {})
-    missing = object()
     found = [
-        f"{key}: {a.get(key, '(not set)')!r} there, {b.get(key, '(not set)')!r} here"
-        for key in sorted(set(a) | set(b))
-        if a.get(key, missing) != b.get(key, missing)
+        f"{key}: {a[key]!r} there, {b[key]!r} here"
+        for key in sorted(set(a) & set(b))
+        if a[key] != b[key]
     ]
     return found[:limit] + ([f"... and {len(found) - limit} more"] if len(found) > limit else [])
+
+
+def same_run(theirs: Mapping, ours: Mapping) -> bool:
+    """Same kind and the same value of every identity key both record."""
+    if theirs.get("kind") != ours.get("kind"):
+        return False
+    return theirs.get("identity") == ours.get("identity") or not differences(theirs, ours)
 
 
 def read_run_file(output_dir: str | Path) -> dict | None:
@@ -175,12 +185,9 @@ def check_run_identity(
     ours = run_identity(cfg, tool)
     theirs = read_run_file(output_dir)
     problem = None
-    if theirs is not None and (theirs["kind"], theirs["identity"]) != (
-        ours["kind"],
-        ours["identity"],
-    ):
+    if theirs is not None and not same_run(theirs, ours):
         changed = differences(theirs, ours)
-        other_kind = theirs["kind"] != ours["kind"] or theirs.get("tool") != ours["tool"]
+        other_kind = theirs.get("kind") != ours["kind"] or theirs.get("tool") != ours["tool"]
         what = f"{describe(theirs)}, this is {describe(ours)}" if other_kind else describe(theirs)
         problem = f"OUTPUT_DIR {output_dir} holds {what} with another config" + (
             f" ({'; '.join(changed)})" if changed else ""
@@ -238,8 +245,8 @@ def check_resume_checkpoint(
                 filename,
                 "; ".join(differences(saved, run)),
             )
-        elif saved.get("identity") != run["identity"]:
-            changed = "; ".join(differences(saved, run)) or "identity hash differs"
+        elif not same_run(saved, run):
+            changed = "; ".join(differences(saved, run))
             raise RunIdentityError(
                 f"--resume: {filename} was written by a run with another config ({changed}): "
                 "not resumed (the schedule and results would mix two runs)"

@@ -160,6 +160,9 @@ def test_checkpoint_check_names_shapes_and_both_identities():
     narrow = {"a": torch.zeros(2, 2), "b": torch.zeros(4)}
     with pytest.raises(RunIdentityError, match=r"a: \(2, 2\) in the file, \(2, 3\) in the model"):
         check_resume_checkpoint("f.pth", {"model": narrow}, None, model)
+    # A newer code version's extra config key is not a change of the run.
+    newer = {**ours, "identity": "3", "keys": {"X": 1, "NEW.KEY": True}}
+    check_resume_checkpoint("f.pth", {"model": model, "run_identity": ours}, newer, model)
     # --overwrite replaced exactly that identity: resumed deliberately.
     check_resume_checkpoint(
         "f.pth", {"model": model, "run_identity": theirs}, {**ours, "replaced": theirs}, model
