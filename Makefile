@@ -6,7 +6,7 @@ STAMP := $(VENV)/.bissl_det-installed
 # The torch build served on this platform; other machines may pin their own (README, Install).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint format demo bench gpu-check study clean
+.PHONY: install test test-quick lint format demo bench gpu-check study clean
 
 install: $(STAMP)
 
@@ -26,8 +26,14 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The whole suite (CI): lint, unit tests, tools as processes, gloo process groups, slow runs.
 test: lint
 	$(PY) -m pytest -q
+
+# The edit loop: tests in this process only (no tools as processes, no process groups, no long
+# runs); under 3 minutes on 2 cores.
+test-quick: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not dist and not e2e and not gpu"
 
 demo: install
 	$(PY) tools/run_demo.py

@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny synthetic demo set and tiny configs of the real architectures."""
+"""Shared fixtures: a tiny synthetic demo set, its working directory, one intra-op thread.
+
+What tests import (paths, tiny configs, the config builder) is in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,7 @@ import bissl_det  # noqa: F401  (shims before detectron2)
 from bissl_det.data.demo import make_demo_data
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-TINY_C4 = CONFIGS / "quick" / "test_tiny_C4.yaml"
-TINY_CLS = CONFIGS / "quick" / "bissl_simclr_cls_demo.yaml"
-# A ResNet-50 with the same blocks and names, 8x narrower: the model code is the full-scale code.
-NARROW_RESNET = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
-    "MODEL.RESNETS.WIDTH_PER_GROUP", "8",
-]  # fmt: skip
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -44,13 +37,11 @@ def in_demo_workdir(demo_workdir, monkeypatch) -> Path:
     return demo_workdir
 
 
-def tiny_config(config_file: Path, output_dir: Path, *opts: str):
-    """A frozen config with the datasets registered, as the tools' setup() makes it."""
-    from bissl_det.data.detection import register_from_config
-    from bissl_det.engine.setup import load_config
-
-    cfg = load_config(str(config_file), ["OUTPUT_DIR", str(output_dir), *opts])
-    register_from_config(cfg)
-    cfg.freeze()
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    return cfg
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and CI machines are shared
+    (oversubscribed OpenMP threads slow a busy 2-core runner down many times)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

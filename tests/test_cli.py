@@ -9,7 +9,7 @@ import runpy
 import subprocess
 import sys
 
-from tests.conftest import CONFIGS, NARROW_RESNET, REPO
+from tests.helpers import CONFIGS, NARROW_RESNET, REPO
 
 import pytest
 
@@ -35,6 +35,7 @@ def test_help_says_what_and_how_first(tool, capsys, monkeypatch):
     assert "train_net.py" not in out  # detectron2's own examples are replaced
 
 
+@pytest.mark.e2e  # a tool in another process
 def test_start_prints_no_warning():
     """torch.jit's FutureWarning printed twice on every start (fvcore, detectron2 imports)."""
     done = subprocess.run(
@@ -52,6 +53,7 @@ def test_start_prints_no_warning():
     assert "torch.jit.script` is deprecated" in done.stderr
 
 
+@pytest.mark.e2e  # a tool in another process
 def test_no_cuda_runtime_line_on_a_cpu_machine(tmp_path):
     """torch's cpp_extension logs "No CUDA runtime is found" at import when a CUDA toolkit
     folder exists without a GPU; a tool run imports it through detectron2's environment report."""

@@ -121,6 +121,7 @@ print("forward ok", bissl_det.compat.COMPILED_OPS_STUBBED)
 """
 
 
+@pytest.mark.e2e  # a fresh Python process
 def test_detectron2_faster_rcnn_forward_works_after_importing_bissl_det():
     done = subprocess.run(
         [sys.executable, "-c", FASTER_RCNN_FORWARD],

@@ -11,7 +11,7 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from .conftest import CONFIGS, NARROW_RESNET
+from .helpers import CONFIGS, NARROW_RESNET
 
 # configs/study/*.yaml are study files of tools/study.py (tests/tools/test_study.py), not configs.
 ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS / "study")

@@ -9,8 +9,8 @@ import socket
 import subprocess
 from datetime import datetime
 
-from bissl_det.utils.provenance import provenance, utc_now, write_results
-from tests.conftest import REPO, TINY_C4, tiny_config
+from bissl_det.utils.provenance import git_state, provenance, utc_now, write_results
+from tests.helpers import REPO, TINY_C4, tiny_config
 
 import pytest
 
@@ -28,8 +28,12 @@ def test_provenance_keys_and_values(in_demo_workdir, tmp_path):
     assert prov["config_values"]["BISSL.STAGES"] == cfg.BISSL.STAGES
     assert "SEED" not in prov["config_values"] and "OUTPUT_DIR" not in prov["config_values"]
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
-    assert prov["git"]["commit"] == head and isinstance(prov["git"]["dirty"], bool)
+                          text=True)  # fmt: skip
+    if head.returncode == 0:  # a git checkout (an exported tree has no commit to record)
+        assert prov["git"]["commit"] == head.stdout.strip()
+        assert isinstance(prov["git"]["dirty"], bool)
+    else:
+        assert prov["git"] == {"commit": None, "dirty": None}
     assert prov["config_file"]["sha256"] == hashlib.sha256(TINY_C4.read_bytes()).hexdigest()
     assert prov["weights"] == {
         "path": str(weights), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -44,6 +48,10 @@ def test_provenance_keys_and_values(in_demo_workdir, tmp_path):
     assert prov["hostname"] == socket.gethostname()
     assert datetime.fromisoformat(prov["start_time"]) <= datetime.fromisoformat(prov["end_time"])
     assert prov["end_time"].endswith("+00:00")
+
+
+def test_git_state_outside_a_checkout_is_none(tmp_path):
+    assert git_state(tmp_path) == {"commit": None, "dirty": None}
 
 
 def test_missing_weights_and_unloadable_data_do_not_fail(in_demo_workdir, tmp_path):

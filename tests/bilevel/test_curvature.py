@@ -24,7 +24,7 @@ from bissl_det.modeling.pretext import SimCLR
 from bissl_det.modeling.pretext_tasks import build_pretext_model
 from bissl_det.utils.distributed import all_reduce_mean
 from tests.bilevel.tensors import DT, flatten, random_like, unflatten
-from tests.conftest import NARROW_RESNET, TINY_C4
+from tests.helpers import NARROW_RESNET, TINY_C4
 
 import pytest
 import torch

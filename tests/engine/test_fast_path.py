@@ -19,7 +19,7 @@ from bissl_det.bilevel import (
     implicit_gradient,
     tuple_norm,
 )
-from tests.conftest import TINY_C4, tiny_config
+from tests.helpers import TINY_C4, tiny_config
 
 import pytest
 import torch

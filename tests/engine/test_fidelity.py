@@ -3,8 +3,8 @@
 import math
 
 from bissl_det.engine import BilevelTrainer
-from tests.conftest import TINY_C4, tiny_config
 from tests.engine.test_trainer import NO_WARMUP, _stepping_trainer
+from tests.helpers import TINY_C4, tiny_config
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ from bissl_det.checkpoint import save_backbone_checkpoint
 from bissl_det.checkpoint.verify import verify_backbone_loaded
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.finetune import FinetuneTrainer
-from tests.conftest import CONFIGS, REPO, TINY_C4, tiny_config
+from tests.helpers import CONFIGS, REPO, TINY_C4, tiny_config
 
 import pytest
 import torch

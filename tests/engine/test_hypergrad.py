@@ -6,7 +6,7 @@ import math
 
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.hypergrad import check_hypergrad_config
-from tests.conftest import TINY_C4, TINY_CLS, tiny_config
+from tests.helpers import TINY_C4, TINY_CLS, tiny_config
 
 import pytest
 from detectron2.config import CfgNode

@@ -6,7 +6,7 @@ import math
 import subprocess
 import sys
 
-from tests.conftest import CONFIGS, REPO
+from tests.helpers import CONFIGS, REPO
 
 import pytest
 

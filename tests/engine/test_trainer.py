@@ -5,7 +5,7 @@ import json
 from bissl_det.bilevel import StageSystem, tuple_cosine
 from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
 from bissl_det.engine import BilevelTrainer
-from tests.conftest import TINY_C4, TINY_CLS, tiny_config
+from tests.helpers import TINY_C4, TINY_CLS, tiny_config
 
 import pytest
 import torch

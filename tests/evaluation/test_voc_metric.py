@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from bissl_det.evaluation.evaluate import build_detection_evaluator, voc_metric_name
-from tests.conftest import TINY_C4, tiny_config
+from tests.helpers import TINY_C4, tiny_config
 
 
 def test_voc_metric_year_is_logged(in_demo_workdir, tmp_path, caplog):

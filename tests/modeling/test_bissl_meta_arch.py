@@ -4,7 +4,7 @@ import copy
 
 from bissl_det.data.build import build_downstream_train_loader
 from bissl_det.engine.setup import load_config
-from tests.conftest import CONFIGS, NARROW_RESNET, TINY_C4, tiny_config
+from tests.helpers import CONFIGS, NARROW_RESNET, TINY_C4, tiny_config
 
 import pytest
 import torch

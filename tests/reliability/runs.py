@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from tests.helpers import TINY_C4, TRAIN_BISSL
 
-from . import TINY_C4, TRAIN_BISSL
+import torch
 
 # One thread per run: two runs share the CI machine, and the result must not depend on it.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,12 +15,11 @@ from pathlib import Path
 import bissl_det  # noqa: F401  (shims before detectron2)
 from bissl_det.checkpoint import UntrustedCheckpointError, save_backbone_checkpoint
 from bissl_det.data.detection import DatasetValidationError
+from tests.helpers import TINY_C4, tiny_config
 
 import pytest
 import torch
 from PIL import Image
-
-from . import TINY_C4, tiny_cfg
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 
@@ -145,10 +144,10 @@ def test_class_count_mismatch_classification(in_demo_workdir, tmp_path):
     from bissl_det.data.build import check_num_classes
 
     cls_config = TINY_C4.parent / "bissl_simclr_cls_demo.yaml"
-    cfg = tiny_cfg(tmp_path, config_file=cls_config)
+    cfg = tiny_config(cls_config, tmp_path)
     n = check_num_classes(cfg)
     assert n == cfg.MODEL.CLASSIFIER.NUM_CLASSES
-    wrong = tiny_cfg(tmp_path, "MODEL.CLASSIFIER.NUM_CLASSES", str(n + 1), config_file=cls_config)
+    wrong = tiny_config(cls_config, tmp_path, "MODEL.CLASSIFIER.NUM_CLASSES", str(n + 1))
     with pytest.raises(ValueError, match=rf"NUM_CLASSES = {n + 1}, but CLS.TRAIN_ROOT .* has {n}"):
         check_num_classes(wrong)
 
@@ -164,7 +163,7 @@ def test_pretext_images_undecodable_are_skipped_then_fail(in_demo_workdir, tmp_p
     opts = ["BISSL.PRETEXT_DATA.IMAGE_ROOTS", f"['{folder}']", "BISSL.PRETEXT_DATA.DATASETS", "[]"]
 
     # 11 images at MAX_BAD_FRACTION 0.1: one bad file is tolerated, skipped and counted.
-    cfg = tiny_cfg(tmp_path / "o", *opts, "BISSL.PRETEXT_DATA.MAX_BAD_FRACTION", "0.1")
+    cfg = tiny_config(TINY_C4, tmp_path / "o", *opts, "BISSL.PRETEXT_DATA.MAX_BAD_FRACTION", "0.1")
     loader = build_pretext_loader(cfg, 8)
     batches = iter(loader)
     with caplog.at_level(logging.WARNING, logger="bissl_det"):
@@ -189,13 +188,15 @@ def test_pretext_dataset_without_images(in_demo_workdir, tmp_path):
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
     roots = "BISSL.PRETEXT_DATA.IMAGE_ROOTS"
-    cfg = tiny_cfg(tmp_path / "o", roots, f"['{empty}']", "BISSL.PRETEXT_DATA.DATASETS", "[]")
+    cfg = tiny_config(
+        TINY_C4, tmp_path / "o", roots, f"['{empty}']", "BISSL.PRETEXT_DATA.DATASETS", "[]"
+    )
     with pytest.raises(ValueError, match=rf"{empty}: no images"):
         build_pretext_loader(cfg, 8)
-    cfg = tiny_cfg(tmp_path / "o", roots, f"['{tmp_path / 'nope'}']")
+    cfg = tiny_config(TINY_C4, tmp_path / "o", roots, f"['{tmp_path / 'nope'}']")
     with pytest.raises(FileNotFoundError, match="image folder not found: .*nope"):
         build_pretext_loader(cfg, 8)
-    cfg = tiny_cfg(tmp_path / "o", roots, "[]", "BISSL.PRETEXT_DATA.DATASETS", "[]")
+    cfg = tiny_config(TINY_C4, tmp_path / "o", roots, "[]", "BISSL.PRETEXT_DATA.DATASETS", "[]")
     with pytest.raises(ValueError, match="BISSL.PRETEXT_DATA: no pretext images"):
         build_pretext_loader(cfg, 8)
 
@@ -209,7 +210,7 @@ def test_detection_image_undecodable_fails_naming_the_file(voc, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     # Start-up validation may find it first (header checks); else the loader's first read.
     with pytest.raises(Exception) as err:  # noqa: PT011  (the type is PIL's; the text matters)
-        cfg = tiny_cfg(tmp_path / "o", config_file=_voc_config(tmp_path, voc, "bad_jpeg"))
+        cfg = tiny_config(_voc_config(tmp_path, voc, "bad_jpeg"), tmp_path / "o")
         batches = iter(build_downstream_train_loader(cfg, 2))
         for _ in range(20):  # 40 draws > the 12 trainval images
             next(batches)
@@ -245,7 +246,7 @@ def test_unknown_or_mistyped_override(tmp_path):
 def tiny_model(in_demo_workdir, tmp_path):
     from detectron2.modeling import build_model
 
-    return build_model(tiny_cfg(tmp_path / "o"))
+    return build_model(tiny_config(TINY_C4, tmp_path / "o"))
 
 
 def test_checkpoint_with_other_keys_lists_them(tiny_model, tmp_path):
@@ -269,7 +270,7 @@ def test_checkpoint_of_a_wider_backbone_lists_shapes(in_demo_workdir, tiny_model
 
     from detectron2.modeling import build_model
 
-    wide = build_model(tiny_cfg(tmp_path / "o", "MODEL.RESNETS.WIDTH_PER_GROUP", "16"))
+    wide = build_model(tiny_config(TINY_C4, tmp_path / "o", "MODEL.RESNETS.WIDTH_PER_GROUP", "16"))
     path = tmp_path / "wide.pth"
     save_backbone_checkpoint(path, wide.lower_backbone.state_dict())
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}

@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import REPO, TINY_C4, tiny_config
+
 import pytest
 import torch
 import torchvision
 
-from . import REPO, one_thread, tiny_cfg
-
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_FINETUNE = REPO / "configs" / "quick" / "test_tiny_finetune_C4.yaml"
 TINY_PRETRAIN = REPO / "configs" / "quick" / "pretrain_simclr_demo.yaml"
@@ -29,7 +29,7 @@ NAN = float("nan")
 def _bissl_trainer(output_dir: Path, *opts: str):
     from bissl_det.engine import BilevelTrainer
 
-    cfg = tiny_cfg(output_dir, "DATASETS.TEST", "()", "SEED", "0", *opts)
+    cfg = tiny_config(TINY_C4, output_dir, "DATASETS.TEST", "()", "SEED", "0", *opts)
     trainer = BilevelTrainer(cfg)
     return trainer
 
@@ -104,9 +104,7 @@ def test_training_tools_refuse_a_backbone_of_another_shape(
     in_demo_workdir, tmp_path, torchvision_r50, tool, config, opts
 ):
     """The tests' ResNet-50 is 8x narrower: a real torchvision R50 cannot initialise it."""
-    from tests.conftest import NARROW_RESNET
-
-    from . import TINY_C4
+    from tests.helpers import NARROW_RESNET, TINY_C4
 
     proc = _tool(tool, config or TINY_C4, in_demo_workdir, tmp_path / "run", *NARROW_RESNET,
                  *opts, "MODEL.WEIGHTS", str(torchvision_r50), "DATASETS.TEST", "()")  # fmt: skip
@@ -120,7 +118,7 @@ def test_finetune_trainer_refuses_in_process_and_names_every_category(
 ):
     from bissl_det.checkpoint import BackboneWeightsError
     from bissl_det.engine.finetune import FinetuneTrainer
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     kinds = {
         torchvision_r50: "it reads as a 'torchvision' checkpoint",
@@ -149,7 +147,7 @@ def test_finetune_trainer_refuses_in_process_and_names_every_category(
 def test_eval_only_refuses_a_backbone_checkpoint(in_demo_workdir, tmp_path, bissl_run):
     from bissl_det.checkpoint import BackboneWeightsError, check_detector_weights
     from bissl_det.engine.finetune import FinetuneTrainer
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     export = bissl_run / "lower_backbone.pth"
     model = FinetuneTrainer.build_model(tiny_config(TINY_FINETUNE, tmp_path))
@@ -165,7 +163,7 @@ def test_classifier_loader_refuses_shapes_and_reads_run_checkpoints(
     from bissl_det.checkpoint import BackboneWeightsError, load_backbone_weights
     from bissl_det.modeling.backbone import build_resnet_trunk
 
-    resnet = build_resnet_trunk(tiny_cfg(tmp_path / "o"), norm="BN")
+    resnet = build_resnet_trunk(tiny_config(TINY_C4, tmp_path / "o"), norm="BN")
     before = {k: v.clone() for k, v in resnet.state_dict().items()}
     with pytest.raises(BackboneWeightsError) as err:
         load_backbone_weights(resnet, str(torchvision_r50))
@@ -195,7 +193,7 @@ def test_classifier_loader_refuses_shapes_and_reads_run_checkpoints(
 
 def test_empty_weights_warn_in_finetune(in_demo_workdir, tmp_path, caplog):
     from bissl_det.engine.finetune import FinetuneTrainer
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     trainer = FinetuneTrainer(tiny_config(TINY_FINETUNE, tmp_path, "MODEL.WEIGHTS", ""))
     with caplog.at_level(logging.WARNING, logger="bissl_det.engine.finetune"):
@@ -230,11 +228,11 @@ def test_broken_files_are_named_by_every_loader(in_demo_workdir, tmp_path, bissl
         load_pretext_checkpoint,
     )
     from bissl_det.engine.finetune import FinetuneTrainer
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     from detectron2.modeling import build_model
 
-    bissl = build_model(tiny_cfg(tmp_path / "o"))
+    bissl = build_model(tiny_config(TINY_C4, tmp_path / "o"))
     detector = FinetuneTrainer.build_model(tiny_config(TINY_FINETUNE, tmp_path / "d"))
     for kind, path in _broken_files(tmp_path, bissl_run / "lower_backbone.pth").items():
         for load in (
@@ -427,8 +425,11 @@ def test_divergence_inside_detectron2_writes_the_diagnostic_checkpoint(
 def test_resume_says_what_it_cannot_restore_exactly(in_demo_workdir, tmp_path):
     from bissl_det.engine.resume import inexact_resume_reasons
 
-    assert inexact_resume_reasons(tiny_cfg(tmp_path / "exact")) == []  # the tests' setting
-    cfg = tiny_cfg(
+    assert (
+        inexact_resume_reasons(tiny_config(TINY_C4, tmp_path / "exact")) == []
+    )  # the tests' setting
+    cfg = tiny_config(
+        TINY_C4,
         tmp_path / "inexact",
         "DATALOADER.ASPECT_RATIO_GROUPING", "True",  # exact: grouped by index (aspect_groups.py)
         "BISSL.PRETEXT_DATA.NUM_WORKERS", "2",

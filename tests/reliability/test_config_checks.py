@@ -7,10 +7,9 @@ from pathlib import Path
 
 from bissl_det.config_checks import ConfigError, check_batch_sizes, read_config_chain
 from bissl_det.engine.setup import load_config
+from tests.helpers import REPO, TINY_C4
 
 import pytest
-
-from . import REPO, TINY_C4
 
 # (overrides, the key refused, what the message says about it)
 INVALID = [
@@ -225,10 +224,9 @@ def _setup_args(*opts: str) -> argparse.Namespace:
 def test_batch_larger_than_the_data_set(in_demo_workdir, tmp_path, tool, key, data):
     from bissl_det.data.build import downstream_train_size, pretext_image_paths
     from bissl_det.engine.setup import setup
+    from tests.helpers import TINY_C4, tiny_config
 
-    from . import tiny_cfg
-
-    cfg = tiny_cfg(tmp_path / "probe")
+    cfg = tiny_config(TINY_C4, tmp_path / "probe")
     size = len(pretext_image_paths(cfg)) if "pretext" in data else downstream_train_size(cfg)
     out = tmp_path / "out"
     args = _setup_args(key, str(size + 2), "OUTPUT_DIR", str(out))
@@ -254,10 +252,10 @@ def test_tool_defaults_to_the_running_script(in_demo_workdir, tmp_path, monkeypa
 
 
 def test_batches_against_the_process_count(in_demo_workdir, tmp_path):
-    from . import tiny_cfg
+    from tests.helpers import TINY_C4, tiny_config
 
     six = ["BISSL.LOWER.IMS_PER_BATCH", "6", "BISSL.UPPER.IMS_PER_BATCH", "6"]
-    cfg = tiny_cfg(tmp_path, *six, "MODEL.SIMCLR.GATHER", "False")
+    cfg = tiny_config(TINY_C4, tmp_path, *six, "MODEL.SIMCLR.GATHER", "False")
     origins = read_config_chain(str(TINY_C4))
     origins.add_overrides(six)
     check_batch_sizes(cfg, origins, "train_bissl", world_size=2)
@@ -268,10 +266,12 @@ def test_batches_against_the_process_count(in_demo_workdir, tmp_path):
         ConfigError, match="leaves 1 image per process: without MODEL.SIMCLR.GATHER"
     ):
         check_batch_sizes(cfg, origins, "train_bissl", world_size=6)
-    check_batch_sizes(tiny_cfg(tmp_path, *six), origins, "train_bissl", world_size=6)
+    check_batch_sizes(tiny_config(TINY_C4, tmp_path, *six), origins, "train_bissl", world_size=6)
     # The tiny config's upper batch (2, set in the file) does not divide by 4.
     with pytest.raises(ConfigError) as err:
-        check_batch_sizes(tiny_cfg(tmp_path), read_config_chain(str(TINY_C4)), "train_bissl", 4)
+        check_batch_sizes(
+            tiny_config(TINY_C4, tmp_path), read_config_chain(str(TINY_C4)), "train_bissl", 4
+        )
     assert str(err.value) == (
         f"{TINY_C4}: BISSL.UPPER.IMS_PER_BATCH = 2 is not a multiple of 4 processes"
     )

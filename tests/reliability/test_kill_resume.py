@@ -10,10 +10,11 @@ import signal
 import subprocess
 import time
 
+from tests.helpers import TINY_C4, tiny_config
+
 import pytest
 import torch
 
-from . import one_thread, tiny_cfg
 from .runs import ENV, assert_same_weights, bissl_command, run, start
 
 KILL_AFTER = "model_0000001.pth"  # written after stage index 1 of 0..3: two stages remain
@@ -58,12 +59,12 @@ def test_killed_run_resumes_to_the_same_weights(demo_workdir, tmp_path):
     assert_same_weights(out_a / "lower_backbone.pth", out_b / "lower_backbone.pth")
 
 
-@pytest.mark.usefixtures(one_thread.__name__)
+@pytest.mark.usefixtures("one_thread")
 def test_failed_checkpoint_write_keeps_the_last_good_one(in_demo_workdir, tmp_path, monkeypatch):
     from bissl_det.engine import BilevelTrainer
     from bissl_det.engine import checkpointer as ckpt
 
-    cfg = tiny_cfg(tmp_path / "out", "SEED", "0")
+    cfg = tiny_config(TINY_C4, tmp_path / "out", "SEED", "0")
     trainer = BilevelTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.checkpointer.save("model_0000000", iteration=0)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from tests.helpers import TINY_C4, tiny_config
+
 import pytest
 import torch
 
-from . import one_thread, tiny_cfg
-
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAN = float("nan")
 
@@ -23,7 +23,8 @@ NAN = float("nan")
 def _trainer(output_dir: Path, stages: int = 3):
     from bissl_det.engine import BilevelTrainer
 
-    cfg = tiny_cfg(
+    cfg = tiny_config(
+        TINY_C4,
         output_dir,
         "BISSL.STAGES", str(stages),
         "BISSL.HEAD_WARMUP.ITERS", "0",

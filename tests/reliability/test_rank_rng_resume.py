@@ -103,7 +103,7 @@ def test_two_process_pretraining_saves_every_rank_and_resumes(in_demo_workdir, t
     import subprocess
     import sys
 
-    from tests.conftest import CONFIGS, NARROW_RESNET, REPO
+    from tests.helpers import CONFIGS, NARROW_RESNET, REPO
 
     def run(iters: int, *extra: str) -> None:
         proc = subprocess.run(

@@ -16,10 +16,10 @@ from bissl_det.engine.run_lock import (
     lock_output_dir,
     remove_stray_temp_files,
 )
+from tests.helpers import REPO, TINY_C4, TRAIN_BISSL
 
 import pytest
 
-from . import REPO, TINY_C4, TRAIN_BISSL
 from .runs import ENV, run
 
 # A process that holds a folder's lock until it is killed (it imports only the lock module).

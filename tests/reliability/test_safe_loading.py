@@ -12,12 +12,12 @@ from pathlib import Path
 
 import bissl_det  # noqa: F401  (shims before detectron2)
 from bissl_det.checkpoint import UntrustedCheckpointError, load_checkpoint_file
+from tests.helpers import REPO, TINY_C4
 
 import numpy as np
 import pytest
 import torch
 
-from . import REPO, TINY_C4
 from .runs import run
 
 TOOLS = REPO / "tools"
@@ -113,6 +113,7 @@ PRETRAIN = (
 )
 
 
+@pytest.mark.e2e  # a tool in another process
 @pytest.mark.parametrize(
     "kind, script, config, opts",
     [
@@ -141,6 +142,7 @@ def test_malicious_weights_are_refused_by_every_tool(
     assert not (out / "model_final.pth").exists()
 
 
+@pytest.mark.e2e  # a tool in another process
 def test_converter_refuses_a_malicious_pickle_without_trust(tmp_path):
     marker = tmp_path / "MARKER"
     source = malicious_pickle(tmp_path / "zoo.pkl", marker)
@@ -150,6 +152,7 @@ def test_converter_refuses_a_malicious_pickle_without_trust(tmp_path):
     assert "--trust-pickle" in done.stderr and not output.exists()
 
 
+@pytest.mark.e2e  # a tool in another process
 @pytest.mark.parametrize("planted", ["evil.pkl", "model_final.pth"])
 def test_resume_refuses_a_planted_last_checkpoint(demo_workdir, tmp_path, planted):
     marker = tmp_path / "MARKER"
@@ -169,6 +172,7 @@ def test_resume_refuses_a_planted_last_checkpoint(demo_workdir, tmp_path, plante
     survived(before, out)
 
 
+@pytest.mark.e2e  # a tool in another process
 def test_search_refuses_a_storage_that_is_not_a_journal(demo_workdir, tmp_path):
     marker = tmp_path / "MARKER"
     storage = malicious_pickle(tmp_path / "study.journal", marker)
@@ -184,6 +188,7 @@ def test_search_refuses_a_storage_that_is_not_a_journal(demo_workdir, tmp_path):
     survived(before, tmp_path)
 
 
+@pytest.mark.e2e  # a tool in another process
 def test_config_with_a_python_tag_is_refused(demo_workdir, tmp_path):
     marker = tmp_path / "MARKER"
     config = tmp_path / "evil.yaml"

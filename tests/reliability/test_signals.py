@@ -18,13 +18,13 @@ from bissl_det.engine.signals import (
     interrupt_immediately,
     with_graceful_interrupt,
 )
+from tests.helpers import REPO
 
 import pytest
 import torch
 from detectron2.engine import HookBase, TrainerBase, hooks
 from detectron2.utils import comm
 
-from . import REPO, one_thread
 from .runs import ENV, STAGES, assert_same_weights, bissl_command, run, start
 
 # ---- A real tool, a real signal, a real --resume ----------------------------------------------
@@ -152,10 +152,10 @@ class SignalAt(HookBase):
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.usefixtures(one_thread.__name__)
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "SIGINT"])
 def test_pretraining_stops_at_the_step_and_resumes_exactly(in_demo_workdir, tmp_path, signum):
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
     from tests.tools.test_pretrain_ssl import DEMO, TINY, pretrainer
 
     opts = [*TINY, "PRETRAIN.ITERS", "4", "PRETRAIN.CHECKPOINT_PERIOD", "0"]
@@ -317,6 +317,7 @@ while True:
 """
 
 
+@pytest.mark.e2e  # a tool in another process
 @pytest.mark.parametrize(("mode", "exit_code"), [("checkpoints", 75), ("dies", 128 + 15)])
 def test_run_demo_forwards_sigterm_to_its_tool(tmp_path, mode, exit_code):
     marker = tmp_path / "marker"

@@ -15,7 +15,7 @@ from bissl_det.engine.cls_data import load_test_protocol_data, validation_split
 from bissl_det.engine.cls_eval import run_cls_eval
 from bissl_det.engine.cls_trainer import ClassifierTrainer, read_classifier_backbone
 from bissl_det.engine.pretrain import build_pretrain_model
-from tests.conftest import CONFIGS, NARROW_RESNET, REPO, tiny_config
+from tests.helpers import CONFIGS, NARROW_RESNET, REPO, tiny_config
 
 import numpy as np
 import pytest

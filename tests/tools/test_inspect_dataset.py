@@ -21,7 +21,7 @@ from bissl_det.data.inspect import (
 )
 from bissl_det.data.inspect_cost import HeadCost
 from bissl_det.engine.setup import load_config
-from tests.conftest import CONFIGS, REPO
+from tests.helpers import CONFIGS, REPO
 
 import numpy as np
 import pytest

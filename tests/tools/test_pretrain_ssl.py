@@ -10,7 +10,7 @@ from bissl_det.checkpoint import load_pretext_checkpoint, lower_state_without_ba
 from bissl_det.engine.pretrain import PretrainTrainer
 from bissl_det.engine.setup import load_config
 from bissl_det.solver.build import warmup_cosine
-from tests.conftest import CONFIGS, NARROW_RESNET, REPO, tiny_config
+from tests.helpers import CONFIGS, NARROW_RESNET, REPO, tiny_config
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ import threading
 from bissl_det.engine.setup import load_config
 from bissl_det.search import SearchOptions, open_study, run_search, run_trials, search_task
 from bissl_det.search.study import log_uniform_space
-from tests.conftest import CONFIGS, tiny_config
+from tests.helpers import CONFIGS, tiny_config
 from tests.tools.test_eval_cls import CLS_DEMO, TINY, backbone  # noqa: F401  (fixture)
 
 import pytest

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bissl_det.utils.cluster import ToolJob, job_port
-from tests.conftest import CONFIGS, NARROW_RESNET
+from tests.helpers import CONFIGS, NARROW_RESNET
 from tools.submit import main as submit_main
 
 import pytest
