@@ -17,10 +17,8 @@ from collections.abc import Callable
 import torch
 
 from .krylov import (
-    NEGATIVE_CURVATURE_MODES,
     IndefiniteSystemError,
     MatVec,
-    NonFiniteError,
     SolveInfo,
     TensorTuple,
     apply_matvec,
@@ -29,27 +27,15 @@ from .krylov import (
     krylov_cg,
     prepare_rhs,
     true_residual,
-    tuple_cosine,
     tuple_dot,
-    tuple_norm,
 )
 from .lanczos import lanczos_extremes
 
 __all__ = [
-    "NEGATIVE_CURVATURE_MODES",
-    "IndefiniteSystemError",
-    "MatVec",
-    "NonFiniteError",
-    "SolveInfo",
-    "TensorTuple",
     "conjugate_gradient",
     "direct_solve",
     "layerwise_conjugate_gradient",
     "neumann_series",
-    "true_residual",
-    "tuple_cosine",
-    "tuple_dot",
-    "tuple_norm",
 ]
 
 

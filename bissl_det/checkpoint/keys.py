@@ -13,7 +13,7 @@ Pure functions over names and state dicts; :mod:`.convert` finds the backbone in
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -189,15 +189,7 @@ def torchvision_to_detectron2(
         ``(converted, unconverted)``: the Detectron2 state dict (same tensor objects) and the
         source keys that are not ResNet backbone keys (e.g. ``fc.weight``), in source order.
     """
-    converted: dict[str, torch.Tensor] = {}
-    unconverted: list[str] = []
-    for key, value in sd.items():
-        new_key = _tv_key_to_d2(key)
-        if new_key is None:
-            unconverted.append(key)
-        else:
-            converted[new_key] = value
-    return converted, unconverted
+    return _rename(sd, _tv_key_to_d2)
 
 
 def detectron2_to_torchvision(
@@ -215,10 +207,17 @@ def detectron2_to_torchvision(
         ``(converted, unconverted)``: the torchvision state dict and the keys that were not
         Detectron2 ResNet backbone keys.
     """
+    return _rename(sd, _d2_key_to_tv)
+
+
+def _rename(
+    sd: Mapping[str, torch.Tensor], new_name: Callable[[str], str | None]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``{new_name(k): v}`` for the keys ``new_name`` maps, and the keys it does not (None)."""
     converted: dict[str, torch.Tensor] = {}
     unconverted: list[str] = []
     for key, value in sd.items():
-        new_key = _d2_key_to_tv(key)
+        new_key = new_name(key)
         if new_key is None:
             unconverted.append(key)
         else:
