@@ -7,7 +7,7 @@ import math
 
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.coupling import FixedStageSystem
-from tests.conftest import TINY_C4, tiny_config
+from tests.helpers import TINY_C4, tiny_config
 
 import pytest
 import torch

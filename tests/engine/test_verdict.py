@@ -10,7 +10,7 @@ import sys
 
 from bissl_det.config import add_bissl_config
 from bissl_det.engine.verdict import iterations_for, stage_problems
-from tests.conftest import REPO, TINY_C4
+from tests.helpers import REPO, TINY_C4
 
 import pytest
 from detectron2.config import get_cfg

@@ -15,11 +15,11 @@ from bissl_det.engine.run_identity import (
     check_resume_checkpoint,
     run_identity,
 )
+from tests.helpers import REPO, TINY_C4
 
 import pytest
 import torch
 
-from . import REPO, TINY_C4
 from .runs import bissl_command, run
 from .test_safe_loading import TINY_FINETUNE, digests, survived
 
