@@ -12,8 +12,10 @@ CONFIGS = REPO / "configs"
 TRAIN_BISSL = REPO / "tools" / "train_bissl.py"
 # The smallest real R50-C4 BiSSL run (narrow ResNet-50, 64 px, two short stages).
 TINY_C4 = CONFIGS / "quick" / "test_tiny_C4.yaml"
-# The same with the classification upper level (ResNetClassifier on 32 px crops).
-TINY_CLS = CONFIGS / "quick" / "test_tiny_cls.yaml"
+# The demo's classification BiSSL config (half-width ResNet-50, 64 px).
+TINY_CLS = CONFIGS / "quick" / "bissl_simclr_cls_demo.yaml"
+# The smallest BiSSL run with the classification upper level (narrow ResNet-50, 32 px).
+NARROW_CLS = CONFIGS / "quick" / "test_tiny_cls.yaml"
 # A ResNet-50 with the same blocks and names, 8x narrower: the model code is the full-scale code.
 NARROW_RESNET = [
     "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",

@@ -19,7 +19,7 @@ from bissl_det.engine.memory_plan import (
     plan_stage_memory,
 )
 from bissl_det.engine.trainer import BilevelTrainer
-from tests.conftest import NARROW_RESNET, TINY_C4, TINY_CLS, tiny_config
+from tests.helpers import NARROW_RESNET, TINY_C4, TINY_CLS, tiny_config
 
 import pytest
 import torch

@@ -113,7 +113,7 @@ def test_coupling_ratio_is_lambda_distance_over_the_pretext_gradient(in_demo_wor
     from bissl_det.bilevel import tuple_norm
     from bissl_det.data.build import build_pretext_loader
     from bissl_det.engine import BilevelTrainer
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     import torch
 

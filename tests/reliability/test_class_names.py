@@ -11,10 +11,10 @@ from pathlib import Path
 import bissl_det  # noqa: F401  (shims before detectron2)
 from bissl_det.data.class_names import check_weights_classes
 from bissl_det.data.validation import DatasetValidationError
+from tests.helpers import REPO
 
 import pytest
 
-from . import REPO
 from .runs import run
 from .test_safe_loading import TINY_FINETUNE
 

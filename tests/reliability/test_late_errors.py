@@ -8,9 +8,10 @@ import signal
 import subprocess
 import sys
 
+from tests.helpers import REPO
+
 import pytest
 
-from . import REPO
 from .runs import ENV
 from .test_safe_loading import TINY_FINETUNE, digests, survived
 

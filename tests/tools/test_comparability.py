@@ -15,7 +15,7 @@ from bissl_det.engine.setup import load_config
 from bissl_det.search import SearchOptions, open_study, search_task
 from bissl_det.search.run import _identity
 from bissl_det.search.study import check_study_identity
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.tools.test_eval_cls import CLS_DEMO, TINY, backbone  # noqa: F401  (fixture)
 from tools.aggregate_seeds import main as aggregate_main
 from tools.compare_runs import main as compare_main

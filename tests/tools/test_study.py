@@ -13,7 +13,7 @@ from bissl_det.engine.pretrain import build_pretrain_model
 from bissl_det.study import load_study_config
 from bissl_det.study.config import StudyConfigError
 from bissl_det.study.runs import LAUNCH_LOG, RECORD
-from tests.conftest import CONFIGS, NARROW_RESNET, tiny_config
+from tests.helpers import CONFIGS, NARROW_RESNET, tiny_config
 from tools.study import main as study_main
 
 import pytest
