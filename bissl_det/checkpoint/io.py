@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import codecs
 import collections
-import errno
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..utils.files import _atomic_write, atomic_write_text
 
 __all__ = [
     "CheckpointFileError",
@@ -54,53 +53,9 @@ class UntrustedCheckpointError(ValueError):
     """A checkpoint holds pickled Python objects that ``torch.load(weights_only=True)`` refuses."""
 
 
-def _atomic_write(path: str | os.PathLike[str], write) -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, then rename over ``path``.
-
-    A failed or interrupted write never leaves a partial file at ``path``, and an existing file
-    there survives unchanged. Temporary files are named ``.<name>.<random>.tmp``.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as err:
-        # A full disk or quota: torch.save says only "enforce fail ... file write failed".
-        _remove(tmp_path)
-        free = shutil.disk_usage(directory).free
-        raise OSError(
-            getattr(err, "errno", None) or errno.EIO,
-            f"writing {path} failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            f"{free / 2**20:.0f} MiB free on its disk now. The files already there are "
-            "unchanged; free space (or move OUTPUT_DIR) and rerun with --resume",
-        ) from err
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temporary file behind.
-        _remove(tmp_path)
-        raise
-
-
-def _remove(tmp_path: str) -> None:
-    if os.path.exists(tmp_path):
-        os.remove(tmp_path)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj)`` to ``path`` atomically (see :func:`_atomic_write`)."""
     _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike[str]) -> None:
-    """Write a small text file (e.g. the ``last_checkpoint`` tag) atomically."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_backbone_checkpoint(

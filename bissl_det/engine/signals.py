@@ -40,11 +40,10 @@ import torch.distributed as dist
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 
-from ..utils.preemption import INTERRUPT_SIGNALS
+from ..utils.preemption import EXIT_INTERRUPTED, INTERRUPT_SIGNALS
 
 logger = logging.getLogger(__name__)
 
-EXIT_INTERRUPTED = 75
 # TrainingInterrupted instances created in this process: a stop under way ignores more signals.
 _stops_started = 0
 

@@ -44,7 +44,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from ..engine.signals import EXIT_INTERRUPTED
+from .preemption import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Tools with detectron2's launch flags (--num-gpus ... --dist-url) and --resume.

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 
 # SIGUSR2: submitit's (and Slurm's --signal) warning; SIGUSR1: the tools' own stop request.
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# The exit status of a tool stopped by one of them after its checkpoint (EX_TEMPFAIL: try again).
+EXIT_INTERRUPTED = 75
 
 
 def ignore_interrupt_signals() -> None:

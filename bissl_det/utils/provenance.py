@@ -20,8 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.io import atomic_write_text
-from ..data.images import IMAGE_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS  # what data.images counts as images
+
+from .files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "torchvision", "detectron2", "bissl_det", "numpy")
@@ -113,7 +114,7 @@ def count_images(root: str) -> int | None:
     if not root or not os.path.isdir(root):
         return None
     return sum(
-        name.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(root) for name in files
+        name.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(root) for name in files
     )
 
 
