@@ -73,6 +73,7 @@ def _lower_state(trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.model.lower_backbone.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_arms_share_the_data_stream_and_the_control_ignores_phi(in_demo_workdir, tmp_path):
     solved = []
     runs = {

@@ -12,7 +12,7 @@ from bissl_det.checkpoint import export_backbone
 from bissl_det.engine.pretrain import build_pretrain_model
 from bissl_det.study import load_study_config
 from bissl_det.study.config import StudyConfigError
-from bissl_det.study.runs import LAUNCH_LOG, RECORD
+from bissl_det.study.runs import LAUNCH_LOG, RECORD, Run
 from tests.helpers import CONFIGS, NARROW_RESNET, tiny_config
 from tools.study import main as study_main
 
@@ -145,3 +145,18 @@ def test_study_files_load(monkeypatch):
         if path.stem != "test_tiny":  # the full studies carry every arm of the issue
             assert any("control" in n for n in names), path
             assert len(names) >= 6, path
+
+
+def test_runs_resume_where_they_can_and_go_through_submit_when_asked(tmp_path):
+    train = Run("bissl/a/pair_0", "train_bissl", ["--config-file", "c.yaml", "SEED", "0"],
+                tmp_path / "b", "lower_backbone.pth")  # fmt: skip
+    probe = Run("probe/a/pair_0", "eval_cls", ["--config-file", "e.yaml", "--logistic-probe"],
+                tmp_path / "p", "cls_results.json")  # fmt: skip
+    assert train.tool_args()[:1] == ["--resume"] and "--resume" not in probe.tool_args()
+    assert train.tool_args()[-2:] == ["OUTPUT_DIR", str(tmp_path / "b")]
+    local = train.command()
+    assert local[1].endswith("tools/train_bissl.py") and local[2:] == train.tool_args()
+    job = train.command(["--gpus-per-node", "8"])
+    assert job[1].endswith("tools/submit.py")
+    assert job[2:6] == ["train_bissl", "--wait", "--gpus-per-node", "8"]
+    assert job[6:] == train.tool_args()
