@@ -9,15 +9,17 @@ checkpoint); with workers, each worker restarts its RNG from the run's seed.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
+import numpy as np
 import torch
 from detectron2.config import CfgNode
 from torch.utils.data import DataLoader
 
 from ..utils.preemption import ignore_in_workers
+from ..utils.rank_zero import on_rank_zero
 from .catalog import dataset_dicts
 from .common import normalisation, per_process_batch
+from .image_lists import compact_paths, image_list, sorted_unique
 from .pretext import (
     InfiniteSampler,
     TwoViewAugmentation,
@@ -55,20 +57,38 @@ def check_num_classes(cfg: CfgNode) -> int | None:
 # ---- Pretext (lower level) ------------------------------------------------------------------
 
 
-def pretext_image_paths(cfg: CfgNode) -> list[Path]:
-    """Image files of BISSL.PRETEXT_DATA: folders, plus images of registered datasets."""
+def pretext_image_paths(cfg: CfgNode) -> np.ndarray:
+    """Image files of BISSL.PRETEXT_DATA: folders, plus images of registered datasets.
+
+    Sorted and unique, as a compact array of paths (:mod:`.image_lists`; ``len`` and
+    :func:`~.image_lists.path_at` read it). Listed once per process, by rank 0 (every rank
+    must call it), folders through the cached list of :func:`~.image_lists.image_list`.
+    """
     data = cfg.BISSL.PRETEXT_DATA
-    paths: list[Path] = []
-    for root in data.IMAGE_ROOTS:
-        paths.extend(find_images(root))
+    key = (tuple(data.IMAGE_ROOTS), tuple(data.DATASETS))
+    if key not in _PRETEXT_PATHS:
+        _PRETEXT_PATHS[key] = on_rank_zero(
+            lambda: _list_pretext_images(data), "listing BISSL.PRETEXT_DATA's images"
+        )
+    return _PRETEXT_PATHS[key]
+
+
+# Per process: setup's batch-size check and the loader both need the list.
+_PRETEXT_PATHS: dict[tuple, np.ndarray] = {}
+
+
+def _list_pretext_images(data: CfgNode) -> np.ndarray:
+    lists = [image_list(root, find_images) for root in data.IMAGE_ROOTS]
     for name in data.DATASETS:
-        paths.extend(Path(record["file_name"]) for record in dataset_dicts(name))
-    if not paths:
+        lists.append(compact_paths(record["file_name"] for record in dataset_dicts(name)))
+    if not any(len(paths) for paths in lists):
         raise ValueError(
             "BISSL.PRETEXT_DATA: no pretext images - set IMAGE_ROOTS (folders) or DATASETS "
             "(registered dataset names)"
         )
-    return sorted(set(paths))
+    if len(lists) == 1 and not data.DATASETS:
+        return lists[0]  # one folder's list is sorted and unique already
+    return sorted_unique(lists)
 
 
 def build_pretext_loader(

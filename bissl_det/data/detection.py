@@ -27,6 +27,7 @@ from functools import partial
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import CHECK_IMAGES_MODES, CUSTOM_DATASET_KEYS
+from ..utils.rank_zero import on_rank_zero
 from .catalog import dataset_dicts
 from .class_names import check_split_classes
 from .coco import check_coco_dataset, register_coco_json, validate_coco_json
@@ -145,6 +146,8 @@ def register_from_config(cfg, origins=None, pretext: bool = True) -> list[str]:
     Validation covers train and test splits alike (DATASETS.CHECK_IMAGES says which images are
     decoded in full), so bad data fails here, not after training; then the downstream task's
     own checks (classification folders' images; masks for Mask R-CNN). Return the custom names.
+    Several processes: every one registers, rank 0 alone validates and tells the others (all
+    must call it).
     ``pretext`` False: BISSL.PRETEXT_DATA.DATASETS is not validated (the tool does not read it).
 
     Raises:
@@ -160,23 +163,28 @@ def register_from_config(cfg, origins=None, pretext: bool = True) -> list[str]:
         raise DatasetValidationError(
             f"DATASETS.CHECK_IMAGES = {mode!r} must be one of {list(CHECK_IMAGES_MODES)}"
         )
-    names = [_register_entry(i, entry) for i, entry in enumerate(entries)]
-    for name, is_test in datasets_in_use(cfg, pretext).items():
-        start = time.perf_counter()
-        decode = mode == "decode_all" or (mode == "decode_test" and is_test)
-        try:
-            count = validate_dataset(name, "decode" if decode else "header")
-        except DatasetValidationError as e:
-            raise DatasetValidationError(f"{keys_naming(cfg, name, origins)}: {e}") from None
-        logger.info(
-            "dataset %s: %d images validated (%s) in %.1f s",
-            name,
-            count,
-            "decoded" if decode else "headers",
-            time.perf_counter() - start,
-        )
-    check_split_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
-    task = downstream_task(cfg, required=False) if "BISSL" in cfg else None
-    if task is not None and task.check_data is not None:
-        task.check_data(cfg, mode)
+    names = [_register_entry(i, entry) for i, entry in enumerate(entries)]  # every process
+
+    def validate() -> None:
+        for name, is_test in datasets_in_use(cfg, pretext).items():
+            start = time.perf_counter()
+            decode = mode == "decode_all" or (mode == "decode_test" and is_test)
+            try:
+                count = validate_dataset(name, "decode" if decode else "header")
+            except DatasetValidationError as e:
+                raise DatasetValidationError(f"{keys_naming(cfg, name, origins)}: {e}") from None
+            logger.info(
+                "dataset %s: %d images validated (%s) in %.1f s",
+                name,
+                count,
+                "decoded" if decode else "headers",
+                time.perf_counter() - start,
+            )
+        check_split_classes(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
+        task = downstream_task(cfg, required=False) if "BISSL" in cfg else None
+        if task is not None and task.check_data is not None:
+            task.check_data(cfg, mode)
+
+    # The same files and the same answer on every rank: rank 0 reads them, the others wait.
+    on_rank_zero(validate, "validating the data sets")
     return names

@@ -7,6 +7,7 @@ samplers (images read by :mod:`.images`), the same for pretraining and BiSSL's l
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
+from .image_lists import compact_paths, path_at
 from .images import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
@@ -205,6 +207,9 @@ def _draw(p: float) -> bool:
 def find_images(root: str | Path) -> list[Path]:
     """All images under ``root`` (recursive; extensions in IMAGE_EXTENSIONS, any case), sorted.
 
+    One directory read per folder, no stat per file where the file system reports entry types
+    (symbolic links to folders are not followed, as ``Path.rglob``).
+
     Raises:
         FileNotFoundError: ``root`` is not an existing folder.
         ValueError: no image was found.
@@ -212,12 +217,19 @@ def find_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    paths = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    paths, folders = [], [os.fspath(root)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif (
+                    os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file()
+                ):
+                    paths.append(Path(entry.path))
     if not paths:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return paths
+    return sorted(paths)
 
 
 class UnlabeledImages(Dataset):
@@ -249,7 +261,7 @@ class UnlabeledImages(Dataset):
             raise ValueError(
                 f"UnlabeledImages: max_bad_fraction must be in [0, 1], got {max_bad_fraction}"
             )
-        self.paths = [Path(p) for p in paths]
+        self.paths = compact_paths(paths)  # one buffer: workers do not copy 1M objects
         self.transform = transform
         self.max_bad_fraction = float(max_bad_fraction)
         self.max_bad = max(1, int(self.max_bad_fraction * len(self.paths)))
@@ -261,7 +273,7 @@ class UnlabeledImages(Dataset):
     @property
     def bad_files(self) -> list[Path]:
         """Files that failed to decode so far (in this process)."""
-        return [self.paths[i] for i in self._bad]
+        return [path_at(self.paths, i) for i in self._bad]
 
     @property
     def num_bad(self) -> int:
@@ -269,7 +281,7 @@ class UnlabeledImages(Dataset):
         return len(self._bad)
 
     def _load(self, index: int) -> Image.Image | None:
-        path = self.paths[index]
+        path = path_at(self.paths, index)
         try:
             return read_rgb(path)
         except ImageTooLargeError:

@@ -149,7 +149,11 @@ def _worker(
                 group = dist.new_group(ranks)
                 if machine == machine_rank:
                     comm._LOCAL_PROCESS_GROUP = group
+            # Every group the run uses, and a collective on each, before any long work: a
+            # network misconfiguration between nodes fails now, not at the first checkpoint
+            # (detectron2 makes its gloo group, which gathers checkpoint state, on first use).
             comm.synchronize()
+            dist.barrier(group=comm._get_global_gloo_group())
             main_func(*args)
         except TrainingInterrupted as e:
             logger.warning("Rank %d: %s", rank, e)
