@@ -93,3 +93,11 @@ def test_compact_paths_and_union_order():
         {Path("r/a-c/1.png"), Path("r/a/2.png"), Path("q.png")}
     )
     assert compact_paths(a) is a and isinstance(union, np.ndarray)
+
+
+def test_a_relative_root_keeps_relative_paths(tmp_path, cache, monkeypatch):
+    _tree(tmp_path)
+    monkeypatch.chdir(tmp_path / "a")
+    listed = image_list(".", find_images, min_cached=1)
+    assert [path_at(listed, i) for i in range(len(listed))] == [Path("b.jpg"), Path("deeper/y.png")]
+    assert image_list(".", find_images, min_cached=1).tolist() == listed.tolist()  # the cache
