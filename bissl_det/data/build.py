@@ -61,20 +61,11 @@ def pretext_image_paths(cfg: CfgNode) -> np.ndarray:
     """Image files of BISSL.PRETEXT_DATA: folders, plus images of registered datasets.
 
     Sorted and unique, as a compact array of paths (:mod:`.image_lists`; ``len`` and
-    :func:`~.image_lists.path_at` read it). Listed once per process, by rank 0 (every rank
+    :func:`~.image_lists.path_at` read it). Listed by rank 0 and sent to the others (every rank
     must call it), folders through the cached list of :func:`~.image_lists.image_list`.
     """
     data = cfg.BISSL.PRETEXT_DATA
-    key = (tuple(data.IMAGE_ROOTS), tuple(data.DATASETS))
-    if key not in _PRETEXT_PATHS:
-        _PRETEXT_PATHS[key] = on_rank_zero(
-            lambda: _list_pretext_images(data), "listing BISSL.PRETEXT_DATA's images"
-        )
-    return _PRETEXT_PATHS[key]
-
-
-# Per process: setup's batch-size check and the loader both need the list.
-_PRETEXT_PATHS: dict[tuple, np.ndarray] = {}
+    return on_rank_zero(lambda: _list_pretext_images(data), "listing BISSL.PRETEXT_DATA's images")
 
 
 def _list_pretext_images(data: CfgNode) -> np.ndarray:
