@@ -145,7 +145,8 @@ def test_detection_search_scores_a_held_out_split(in_demo_workdir, tmp_path):
     cfg = tiny_config(
         TINY_FINETUNE,
         tmp_path,
-        *["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "1", "DET_SEARCH.VAL_FRACTION", "0.25"],
+        *["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()"],
+        *["DET_SEARCH.VAL_FRACTION", "0.25"],
     )
     cfg.defrost()  # a test split that does not exist: the search must not evaluate on it
     cfg.DATASETS.TEST = ("no_such_set",)
