@@ -153,6 +153,13 @@ def add_bissl_config(cfg: CN) -> CN:
     # runs them in true float32 whatever torch's global switches say (utils/precision.py; cost
     # and accuracy in docs/full_scale.md). The first-order passes keep the global settings.
     _C.BISSL.HYPERGRAD.ALLOW_TF32 = False
+    # Images of the curvature batch, over all processes: the first ones of the stage's pretext
+    # batch (0: all of it, the paper's choice). Smaller: a proportionally smaller retained graph
+    # (engine/curvature_batch.py; its effect on the implicit gradient in docs/full_scale.md).
+    _C.BISSL.HYPERGRAD.IMS_PER_BATCH = 0
+    # Precision of the curvature batch's retained graph: "float32" or "bfloat16" (its forward
+    # under autocast: about half the memory; products and solvers stay float32).
+    _C.BISSL.HYPERGRAD.GRAPH_DTYPE = "float32"
 
     _C.BISSL.LOWER = CN()
     # LARS over the lower backbone and pretext head.

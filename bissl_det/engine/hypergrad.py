@@ -25,7 +25,8 @@ from ..bilevel import (
     get_curvature,
     get_solver,
 )
-from ..utils.distributed import all_reduce_mean
+from ..utils.distributed import all_reduce_mean, world_size
+from .curvature_batch import GRAPH_DTYPES, check_curvature_batch, curvature_images, graph_precision
 
 __all__ = [
     "Hypergradient",
@@ -48,6 +49,7 @@ def check_hypergrad_config(hg) -> None:
     one_of("SOLVER", hg.SOLVER, SOLVERS)
     one_of("ON_NEGATIVE_CURVATURE", hg.ON_NEGATIVE_CURVATURE, NEGATIVE_CURVATURE_MODES)
     one_of("FISHER_DEVICE", hg.FISHER_DEVICE, ("cpu", "model"))
+    one_of("GRAPH_DTYPE", hg.GRAPH_DTYPE, GRAPH_DTYPES)
     for key in ("MAX_ITER", "EIGEN_STEPS"):
         if hg[key] < 0:
             raise ValueError(f"BISSL.HYPERGRAD.{key} = {hg[key]}: must be >= 0")
@@ -105,6 +107,7 @@ class Hypergradient:
     def __init__(self, cfg, model: nn.Module):
         self.hg, self.lam = cfg.BISSL.HYPERGRAD, cfg.BISSL.LAMBDA
         check_hypergrad_config(self.hg)
+        self.curvature_per_process = check_curvature_batch(cfg, world_size())
         self.model = model
         self.kind = get_curvature(self.hg.CURVATURE)
         # A history-backed curvature (the Fisher) lives across stages; the lower steps fill it.
@@ -138,9 +141,9 @@ class Hypergradient:
                     f"BISSL.HYPERGRAD.CURVATURE {self.hg.CURVATURE!r}: no lower step has run yet"
                 )
             return self.build_system(self.fisher, ())
-        curvature = self.kind.from_batch(
-            self.model.lower, next_pretext_batch(), self.params, all_reduce_mean
-        )
+        batch = curvature_images(next_pretext_batch(), self.curvature_per_process)
+        with graph_precision(self.hg.GRAPH_DTYPE, batch[0].device):
+            curvature = self.kind.from_batch(self.model.lower, batch, self.params, all_reduce_mean)
         return self.build_system(curvature, self.head)
 
     def build_system(self, curvature: Curvature, head: Sequence[torch.Tensor] = ()) -> StageSystem:

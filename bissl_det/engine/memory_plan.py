@@ -31,6 +31,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from torch import nn
 
 from ..bilevel import pretext_curvature
+from .curvature_batch import check_curvature_batch, graph_precision
 
 __all__ = ["SAFETY", "MemoryPlan", "check_stage_memory", "plan_stage_memory"]
 
@@ -57,8 +58,8 @@ class MemoryPlan:
         return asdict(self)
 
     def largest_curvature_batch(self, budget: float) -> int:
-        """The largest per-process curvature batch whose stage fits ``budget`` bytes (0: none).
-        The lower and curvature batches are the same per process unless the config says else."""
+        """The largest per-process curvature batch (BISSL.HYPERGRAD.IMS_PER_BATCH / processes)
+        whose stage fits ``budget`` bytes, at the current lower batch's graph (0: none)."""
         p = self.parts
         rest = budget - p["static"] - p["downstream_graph"] - p["solver_vectors"]
         per = self.per_image["curvature_graph"]
@@ -157,9 +158,10 @@ def plan_stage_memory(cfg, model: nn.Module, world_size: int = 1) -> MemoryPlan:
 
     def curvature(n: int) -> int:
         batch = _pretext_batch(cfg, n, device)
-        system, nbytes = saved_tensor_bytes(
-            lambda: pretext_curvature(hg.CURVATURE, model.lower, batch, params), exclude
-        )
+        with graph_precision(hg.GRAPH_DTYPE, device):  # BISSL.HYPERGRAD.GRAPH_DTYPE
+            system, nbytes = saved_tensor_bytes(
+                lambda: pretext_curvature(hg.CURVATURE, model.lower, batch, params), exclude
+            )
         system.release()
         return nbytes
 
@@ -184,7 +186,7 @@ def plan_stage_memory(cfg, model: nn.Module, world_size: int = 1) -> MemoryPlan:
 
     per_process = {
         "lower": bissl.LOWER.IMS_PER_BATCH // world_size,
-        "curvature": bissl.LOWER.IMS_PER_BATCH // world_size,
+        "curvature": check_curvature_batch(cfg, world_size),
         "upper": bissl.UPPER.IMS_PER_BATCH // world_size,
     }
     graph = {
@@ -241,9 +243,14 @@ def check_stage_memory(plan: MemoryPlan, total_bytes: int, refuse: bool) -> str:
     if plan.peak_bytes <= budget:
         return line + ": fits"
     largest = plan.largest_curvature_batch(budget)
+    p, per = plan.parts, plan.per_image["curvature_graph"]
+    rest = budget - p["static"] - p["downstream_graph"] - p["solver_vectors"]
+    curvature_only = max(0, int((rest - plan.fixed["curvature_graph"]) / per)) if per > 0 else 0
     message = (
         f"{line}: DOES NOT FIT. The largest pretext batch per process that fits is {largest} "
-        f"(BISSL.LOWER.IMS_PER_BATCH {plan.batches['lower']} per process now); parts: "
+        f"(BISSL.LOWER.IMS_PER_BATCH {plan.batches['lower']} per process now); keeping the lower "
+        f"batch, a curvature batch of up to {curvature_only} per process "
+        "(BISSL.HYPERGRAD.IMS_PER_BATCH x processes; GRAPH_DTYPE bfloat16 about halves it); parts: "
         + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in plan.parts.items() if k != "static")
         + " (BISSL.MEMORY_PLAN 'warn' starts anyway)"
     )

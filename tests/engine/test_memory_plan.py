@@ -102,6 +102,17 @@ def test_plan_memory_tool_writes_peak_and_parts(tmp_path) -> None:
     parts = record["parts"]
     upper = parts["curvature_graph"] + parts["downstream_graph"] + parts["solver_vectors"]
     assert record["peak_bytes"] == parts["static"] + max(parts["lower_graph"], upper) > 0
+    # A half curvature batch halves its graph's images; a bf16 graph saves bf16 activations.
+    variants = (
+        (["BISSL.HYPERGRAD.IMS_PER_BATCH", "4"], 0.6),
+        (["BISSL.HYPERGRAD.GRAPH_DTYPE", "bfloat16"], 0.75),
+    )
+    for opts, smaller in variants:
+        other = tmp_path / "other.json"
+        argv = ["--config-file", str(TINY_C4), "--out", str(other), "MODEL.DEVICE", "cpu", *opts]
+        assert main(argv) == 0
+        graph = json.loads(other.read_text())["parts"]["curvature_graph"]
+        assert graph < smaller * parts["curvature_graph"], (opts, graph, parts["curvature_graph"])
 
 
 def test_startup_check_validates_its_key_and_skips_cpu(tmp_path) -> None:
