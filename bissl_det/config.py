@@ -223,6 +223,13 @@ def add_bissl_config(cfg: CN) -> CN:
     add_det_search_config(_C)
 
     add_pretrain_config(_C)
+
+    # ---- Multi-process runs ------------------------------------------------------------------
+    # Every this many iterations of a trainer (BiSSL stages, pretraining or fine-tuning steps),
+    # and after the last, the processes compare checksums of every floating-point parameter and
+    # buffer of their model copies (one small all-reduce) and stop, naming the first differing
+    # tensor, if the copies differ. 0: only after the last iteration.
+    _C.REPLICA_CHECK_PERIOD = 20
     return cfg
 
 

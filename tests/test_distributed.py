@@ -119,3 +119,86 @@ def test_single_process_helpers_are_identities() -> None:
     assert torch.equal(t.detach(), before)
     with pytest.raises(TypeError, match="dtype torch.int64"):
         du.all_reduce_mean_([torch.ones(2, dtype=torch.long)])
+
+
+def _replica_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(rank)  # as the tools seed: each rank initialises differently
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
+        model[1].running_mean.add_(rank)  # a buffer each rank updated from its own batch
+        out = {"before": [t.clone() for t in model.state_dict().values()]}
+        du.broadcast_module_(model)
+        out["after"] = [t.clone() for t in model.state_dict().values()]
+        du.check_replicas_identical(model)  # equal: passes on every rank
+        with torch.no_grad():
+            model[2].weight[0, 0] += rank * 1e-7  # one element, on rank 1 only
+        try:
+            du.check_replicas_identical(model, "after stage 4: ")
+        except du.ReplicaMismatchError as err:
+            out["error"] = str(err)
+        model[1].running_var.add_(rank)
+        du.broadcast_buffers_(model)
+        out["buffers"] = [t.clone() for t in model.buffers()]
+        flags = du.agreed_flags(rank == 1)
+        grads = [torch.full((2,), float(rank))]
+        du.all_reduce_mean_([*grads, flags])
+        out["flagged"] = du.flagged_ranks(flags)
+        out["grad"] = grads[0]
+        torch.save(out, Path(out_dir) / f"replica{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_broadcast_and_replica_check(tmp_path: Path) -> None:
+    mp.spawn(_replica_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    r0, r1 = (torch.load(tmp_path / f"replica{r}.pt") for r in range(WORLD))
+    # Different seeds: the weights differed before the broadcast, and equal rank 0's after.
+    assert not torch.equal(r0["before"][0], r1["before"][0])
+    for a, b in zip(r1["after"], r0["before"], strict=True):
+        assert torch.equal(a, b)
+    for out in (r0, r1):  # every rank raises, naming the first differing tensor
+        assert out["error"].startswith(
+            "after stage 4: the model's copies differ across the 2 processes in 1 of 7 "
+            "floating-point tensors, first '2.weight'"
+        )
+        assert out["flagged"] == [1]
+        torch.testing.assert_close(out["grad"], torch.full((2,), 0.5))
+    for a, b in zip(r1["buffers"], r0["buffers"], strict=True):
+        assert torch.equal(a, b)
+
+
+def _timeout_main(out_dir: str) -> None:
+    import time
+
+    if du.rank() == 1:
+        time.sleep(120)  # a peer that hangs (terminated by the launcher once rank 0 fails)
+    (Path(out_dir) / "waiting_since").write_text(str(time.time()))
+    dist.all_reduce(torch.ones(1))
+
+
+@pytest.mark.dist
+def test_a_hung_peer_fails_the_collective_after_the_timeout(tmp_path, monkeypatch) -> None:
+    """$BISSL_DIST_TIMEOUT reaches the launcher's process group: rank 0's collective fails after
+    3 s, and the launcher ends the hung rank within its grace period."""
+    import time
+
+    from bissl_det.engine.launch import GRACE_SECONDS, launch
+
+    monkeypatch.setenv(du.TIMEOUT_ENV, "3")
+    with pytest.raises(Exception, match="(?i)timed? ?out"):
+        launch(_timeout_main, WORLD, dist_url="auto", args=(str(tmp_path),))
+    waited = time.time() - float((tmp_path / "waiting_since").read_text())
+    assert waited < 3 + GRACE_SECONDS + 15
+
+
+def test_collective_timeout_from_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv(du.TIMEOUT_ENV, raising=False)
+    assert du.collective_timeout().total_seconds() == du.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv(du.TIMEOUT_ENV, "2.5")
+    assert du.collective_timeout().total_seconds() == 2.5
+    for bad in ("0", "-1", "ten"):
+        monkeypatch.setenv(du.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match="BISSL_DIST_TIMEOUT"):
+            du.collective_timeout()

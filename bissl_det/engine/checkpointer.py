@@ -28,7 +28,8 @@ from .run_identity import check_resume_checkpoint, read_run_file
 
 logger = logging.getLogger(__name__)
 
-DIAGNOSTIC_PREFIX = "model_nonfinite_"
+# Diagnostic checkpoints (engine/faults.py): a non-finite value; an exception on one process.
+DIAGNOSTIC_PREFIXES = ("model_nonfinite_", "model_fault_")
 _NUMBERED = re.compile(r"model_(\d+)\.pth")
 
 
@@ -63,12 +64,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if isinstance(progress, TrainingProgress):
                 progress.rank_rng = None
 
-    def save_diagnostic(self, name: str, **kwargs) -> None:
-        """Write the state for post-mortem only: never tagged, never a resume point."""
-        self._write(name, tag=False, **kwargs)
+    def save_diagnostic(self, name: str, this_process: bool = False, **kwargs) -> None:
+        """Write the state for post-mortem only: never tagged, never a resume point.
 
-    def _write(self, name: str, tag: bool, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk:
+        ``this_process``: written by the calling process whatever its rank (a fault that only
+        it saw); otherwise by rank 0 only.
+        """
+        self._write(name, tag=False, any_rank=this_process, **kwargs)
+
+    def _write(self, name: str, tag: bool, any_rank: bool = False, **kwargs) -> None:
+        if not self.save_dir or not (self.save_to_disk or any_rank):
             return
         data = {"model": self.model.state_dict()}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
@@ -97,7 +102,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 for name in os.listdir(self.save_dir)
                 if name.startswith("model_")
                 and name.endswith(".pth")
-                and not name.startswith(DIAGNOSTIC_PREFIX)
+                and not name.startswith(DIAGNOSTIC_PREFIXES)
                 and os.path.join(self.save_dir, name) != tagged
             ),
             key=_resume_order,
@@ -155,7 +160,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             checkpoint = pycls_layout(filename, checkpoint)
         if "model" not in checkpoint:  # a bare state dict, as Detectron2 reads it
             checkpoint = {"model": checkpoint}
-        if "diagnostic" in checkpoint or Path(filename).name.startswith(DIAGNOSTIC_PREFIX):
+        if "diagnostic" in checkpoint or Path(filename).name.startswith(DIAGNOSTIC_PREFIXES):
             raise UnusableCheckpointError(
                 f"{filename} is a diagnostic checkpoint of a failed step, not a resume point"
             )

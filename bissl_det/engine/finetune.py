@@ -14,11 +14,12 @@ from ..checkpoint.verify import verify_backbone_loaded
 from ..data.class_names import check_weights_classes, run_classes
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics
 from ..modeling.sync_bn import use_float32_sync_bn_statistics
+from ..utils.distributed import broadcast_module_
 from ..utils.plots import FINETUNE_PLOTS
 from ..utils.preemption import ignore_in_workers
 from .checkpointer import AtomicCheckpointer
 from .faults import FaultChecks
-from .hooks import PlotMetrics
+from .hooks import CheckReplicas, PlotMetrics
 from .signals import with_graceful_interrupt
 
 logger = logging.getLogger(__name__)
@@ -27,10 +28,18 @@ logger = logging.getLogger(__name__)
 class FinetuneTrainer(FaultChecks, DefaultTrainer):
     """DefaultTrainer with the project's evaluators, a checked backbone initialisation, atomic
     checkpoints, a ``--resume`` that never resumes garbage, and a diagnostic checkpoint when
-    Detectron2 reports divergence ("Loss became infinite or NaN")."""
+    Detectron2 reports divergence ("Loss became infinite or NaN").
+
+    Multi-process: Detectron2's DDP broadcasts rank 0's weights when it wraps the model (before
+    MODEL.WEIGHTS or a checkpoint is loaded: every process loads the same file) and averages
+    gradients; the weights are broadcast once more after loading, and CheckReplicas compares the
+    copies every REPLICA_CHECK_PERIOD iterations. Detectron2 checks the loss for NaN on rank 0
+    only: the other processes stop when rank 0 does (engine/faults.py).
+    """
 
     def run_step(self) -> None:
-        with self.divergence_guard("fine-tuning", 0):
+        self.where = ("fine-tuning", self.iter)
+        with self.stopping_every_rank(), self.divergence_guard("fine-tuning", 0):
             super().run_step()
 
     @classmethod
@@ -61,7 +70,8 @@ class FinetuneTrainer(FaultChecks, DefaultTrainer):
         # DefaultTrainer's writers: console, metrics.json, TensorBoard; plots after them.
         plots = [PlotMetrics(self.cfg.OUTPUT_DIR, FINETUNE_PLOTS, "iteration")]
         plots = plots if comm.is_main_process() else []
-        return with_graceful_interrupt([*super().build_hooks(), *plots])
+        checks = [CheckReplicas(self.cfg.REPLICA_CHECK_PERIOD)]
+        return with_graceful_interrupt([*checks, *super().build_hooks(), *plots])
 
     def resume_or_load(self, resume: bool = True) -> None:
         """Resume, or initialise from MODEL.WEIGHTS - refused if a backbone tensor stays unset."""
@@ -74,6 +84,7 @@ class FinetuneTrainer(FaultChecks, DefaultTrainer):
                 checkpoint = load_checkpoint_file(weights)
                 check_weights_classes(weights, checkpoint, run_classes(self.cfg))
         super().resume_or_load(resume=resume)
+        broadcast_module_(self.model)
         if kind == "backbone":
             count = verify_backbone_loaded(self.model, weights, self.cfg.MODEL.RESNETS.DEPTH)
             logger.info("All %d backbone tensors of %s loaded (no missing key)", count, weights)

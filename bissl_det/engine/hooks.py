@@ -10,9 +10,17 @@ from pathlib import Path
 from detectron2.engine import HookBase, IterationTimer
 from detectron2.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 
+from ..utils.distributed import check_replicas_identical
 from ..utils.plots import plot_metrics
 
-__all__ = ["ExportBackbone", "PlotMetrics", "StageProgress", "StageTimer", "build_writers"]
+__all__ = [
+    "CheckReplicas",
+    "ExportBackbone",
+    "PlotMetrics",
+    "StageProgress",
+    "StageTimer",
+    "build_writers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,21 @@ class ExportBackbone(HookBase):
         if self.trainer.iter >= self.trainer.max_iter:
             paths = self.trainer.export()
             logger.info("Exported the backbone: %s", {k: str(v) for k, v in paths.items()})
+
+
+class CheckReplicas(HookBase):
+    """Every ``period`` iterations (0: never) and after the last, stop every process if their
+    copies of ``trainer.model`` differ (REPLICA_CHECK_PERIOD; one all-reduce of two numbers per
+    tensor). Collective: register it on every process. No-op in one process."""
+
+    def __init__(self, period: int):
+        self.period = period
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if done == self.trainer.max_iter or (self.period > 0 and done % self.period == 0):
+            unit = getattr(self.trainer, "unit", "iteration")
+            check_replicas_identical(self.trainer.model, f"after {unit} {self.trainer.iter}: ")
 
 
 class PlotMetrics(HookBase):

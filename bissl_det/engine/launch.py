@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 
+from ..utils.distributed import collective_timeout
 from .signals import (
     EXIT_INTERRUPTED,
     INTERRUPT_SIGNALS,
@@ -37,7 +38,6 @@ from .signals import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = timedelta(minutes=30)
 # When one worker ends (an interruption, an error), the others get this long to end by
 # themselves (flush logs and metrics) before they are terminated.
 GRACE_SECONDS = 20.0
@@ -56,9 +56,12 @@ def launch(
     machine_rank: int = 0,
     dist_url: str | None = None,
     args: tuple = (),
-    timeout: timedelta = DEFAULT_TIMEOUT,
+    timeout: timedelta | None = None,
 ) -> None:
     """Run ``main_func(*args)`` in ``num_gpus_per_machine * num_machines`` processes.
+
+    ``timeout``: how long a collective waits for a peer; default $BISSL_DIST_TIMEOUT seconds
+    (10 minutes), see :func:`~bissl_det.utils.distributed.collective_timeout`.
 
     Raises:
         TrainingInterrupted: a worker was interrupted (it exited with EXIT_INTERRUPTED).
@@ -67,6 +70,7 @@ def launch(
     if world_size == 1:
         main_func(*args)
         return
+    timeout = collective_timeout() if timeout is None else timeout
     if dist_url in (None, "auto"):
         if num_machines != 1:
             raise ValueError("--dist-url auto only works on one machine: give tcp://HOST:PORT")

@@ -3,7 +3,9 @@
 The model is the BiSSL lower level without the bilevel part: the same pretext model
 (:func:`~bissl_det.modeling.pretext_tasks.build_pretext_model` on a plain-BN ResNet trunk), the same
 pretext loader and LARS + warm-up/cosine schedule. No DDP: gradients are averaged by hand, as on
-the lower level, so the exported backbone is directly a BiSSL starting point.
+the lower level, so the exported backbone is directly a BiSSL starting point. What DDP would do
+besides is done by hand too: rank 0's weights are broadcast after build + load/resume and its
+buffers (BN statistics) after every step; CheckReplicas compares the copies.
 
 Writes OUTPUT_DIR/pretext_backbone.pth (MODEL.WEIGHTS of train_bissl.py, finetune_det.py and
 eval_cls.py; it carries the pretext head so BiSSL starts with it), its torchvision twin,
@@ -16,7 +18,6 @@ import logging
 import time
 
 import torch
-import torch.distributed as dist
 from detectron2.config import CfgNode
 from detectron2.engine import TrainerBase, hooks
 from detectron2.utils import comm
@@ -28,11 +29,16 @@ from ..modeling.backbone import PooledEncoder, build_resnet_trunk
 from ..modeling.pretext import MomentumTarget, cosine_ema_momentum, reset_target
 from ..modeling.pretext_tasks import build_pretext_model
 from ..solver.build import build_lars, build_scheduler
-from ..utils.distributed import all_reduce_grads_, is_distributed, world_size
+from ..utils.distributed import (
+    all_reduce_grads_,
+    broadcast_buffers_,
+    broadcast_module_,
+    world_size,
+)
 from ..utils.plots import PRETRAIN_PLOTS
 from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .faults import FaultChecks
-from .hooks import ExportBackbone, PlotMetrics, build_writers
+from .hooks import CheckReplicas, ExportBackbone, PlotMetrics, build_writers
 from .resume import resume_from_last
 from .signals import with_graceful_interrupt
 
@@ -60,15 +66,6 @@ def build_pretrain_model(cfg: CfgNode) -> nn.Module:
     return model.to(device)
 
 
-@torch.no_grad()
-def broadcast_module_(module: nn.Module, src: int = 0) -> None:
-    """Copy ``src``'s parameters and buffers to every process (no DDP does it for us)."""
-    if not is_distributed():
-        return
-    for tensor in (*module.parameters(), *module.buffers()):
-        dist.broadcast(tensor.data, src)
-
-
 class PretrainTrainer(FaultChecks, TrainerBase):
     """One iteration = one LARS step of the pretext loss; ``iter`` counts steps.
 
@@ -87,7 +84,6 @@ class PretrainTrainer(FaultChecks, TrainerBase):
             )
         self.cfg = cfg
         self.model = build_pretrain_model(cfg) if model is None else model
-        broadcast_module_(self.model)
         self.device = next(self.model.parameters()).device
         self.max_iter = pre.ITERS
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -111,22 +107,24 @@ class PretrainTrainer(FaultChecks, TrainerBase):
         return self.cfg.MODEL.BISSL.PRETEXT.lower()
 
     def resume_or_load(self, resume: bool = True) -> None:
-        """Resume from OUTPUT_DIR's last checkpoint, or start from random weights."""
-        if resume and resume_from_last(self, "Resuming pretraining at step %d"):
-            return
-        self.start_iter = 0
-        if self.cfg.MODEL.WEIGHTS:
-            # Continue pretraining from a checkpoint: every backbone tensor, or refused.
-            if not load_pretext_weights(self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name):
-                reset_target(self.model)  # a fresh head: the target copies the loaded online net
-        else:
-            logger.info("MODEL.WEIGHTS is empty: pretraining starts from random weights")
+        """Resume from OUTPUT_DIR's last checkpoint, or start from MODEL.WEIGHTS or random
+        weights; then every process holds rank 0's weights."""
+        if not (resume and resume_from_last(self, "Resuming pretraining at step %d")):
+            self.start_iter = 0
+            if self.cfg.MODEL.WEIGHTS:
+                # Continue pretraining from a checkpoint: every backbone tensor, or refused.
+                if not load_pretext_weights(self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name):
+                    reset_target(self.model)  # a fresh head: the target copies the loaded net
+            else:
+                logger.info("MODEL.WEIGHTS is empty: pretraining starts from random weights")
+        broadcast_module_(self.model)
 
     def build_hooks(self) -> list:
         cfg, period = self.cfg, self.cfg.PRETRAIN.CHECKPOINT_PERIOD
         # Every process checkpoints: a save gathers each rank's RNG state (rank 0 writes).
         hook_list = [
             hooks.IterationTimer(),
+            CheckReplicas(cfg.REPLICA_CHECK_PERIOD),
             hooks.PeriodicCheckpointer(self.checkpointer, period or self.max_iter, self.max_iter),
         ]
         if comm.is_main_process():
@@ -162,16 +160,26 @@ class PretrainTrainer(FaultChecks, TrainerBase):
 
     def run_step(self) -> None:
         assert self.model.training, "PretrainTrainer: the model was left in eval mode"
+        with self.stopping_every_rank():
+            self.one_step()
+        # Each process updated the BN statistics from its own batch: rank 0's for all, as DDP's
+        # broadcast_buffers does (no-op with SyncBN's already equal ones, and in one process).
+        if not self.cfg.PRETRAIN.SYNC_BN:
+            broadcast_buffers_(self.model)
+
+    def one_step(self) -> None:
+        self.where = ("pretraining", self.iter)
         start = time.perf_counter()
         view1, view2 = pretext_batch_to_device(self.cfg, next(self._data_iter), self.device)
         self.progress.pretext_batches += 1
         data_time = time.perf_counter() - start
 
         loss = self.model(view1, view2)
-        self.check_finite(loss.detach(), "pretext loss", "pretraining", self.iter)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        all_reduce_grads_(self.params)
+        flags = self.fault_flags(loss)  # a NaN on any process stops all, after this all-reduce
+        all_reduce_grads_(self.params, flags)
+        self.stop_on_flagged(flags, loss, "pretext loss", "pretraining", self.iter)
         grad_norm = self.clip_and_check(
             self.params, self.cfg.PRETRAIN.CLIP_GRAD_NORM, "pretraining", self.iter
         )

@@ -10,7 +10,11 @@ One trainer iteration is one stage:
   phi.grad = x + gamma grad_phi L_D(phi, phi_d); phi_d.grad from both terms; SGD.
 
 No DDP and no SyncBN on the lower level (double backward needs neither): gradients, ``g`` and
-curvature products are averaged across processes by hand.
+curvature products are averaged across processes by hand. What DDP would do besides is done here
+too: rank 0's weights are broadcast after build + load/resume, and the buffers (BN running
+statistics, which every process updates from its own batches) after each stage; CheckReplicas
+compares the copies every REPLICA_CHECK_PERIOD stages. A fault on one process stops every
+process (engine/faults.py).
 """
 
 from __future__ import annotations
@@ -38,13 +42,26 @@ from ..data.tasks import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
 from ..modeling.pretext import MomentumTarget, reset_target
 from ..solver.build import build_lars, build_scheduler
-from ..utils.distributed import all_reduce_grads_, all_reduce_mean
+from ..utils.distributed import (
+    all_reduce_grads_,
+    all_reduce_mean,
+    all_reduce_mean_,
+    broadcast_buffers_,
+    broadcast_module_,
+)
 from ..utils.plots import BISSL_PLOTS
 from ..utils.precision import tf32
 from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .coupling import FixedStageSystem, proximity_weight
 from .faults import FaultChecks
-from .hooks import ExportBackbone, PlotMetrics, StageProgress, StageTimer, build_writers
+from .hooks import (
+    CheckReplicas,
+    ExportBackbone,
+    PlotMetrics,
+    StageProgress,
+    StageTimer,
+    build_writers,
+)
 from .hypergrad import Hypergradient, LogHypergradient, solve_metrics, stage_metrics
 from .resume import resume_from_last
 from .signals import with_graceful_interrupt
@@ -126,10 +143,15 @@ class BilevelTrainer(FaultChecks, TrainerBase):
     # ---- Set-up ------------------------------------------------------------------------------
 
     def resume_or_load(self, resume: bool = True) -> None:
-        """Resume from OUTPUT_DIR's last checkpoint, or initialise from MODEL.WEIGHTS."""
-        if resume and resume_from_last(self, "Resuming at stage %d"):
-            return
-        self.start_iter = 0
+        """Resume from OUTPUT_DIR's last checkpoint, or initialise from MODEL.WEIGHTS; then
+        every process holds rank 0's weights (what MODEL.WEIGHTS leaves out, e.g. the detector
+        head, is initialised from each rank's own seed)."""
+        if not (resume and resume_from_last(self, "Resuming at stage %d")):
+            self.start_iter = 0
+            self.load_initial_weights()
+        broadcast_module_(self.model)
+
+    def load_initial_weights(self) -> None:
         if self.cfg.MODEL.WEIGHTS:
             head_loaded = load_pretext_checkpoint(
                 self.model, self.cfg.MODEL.WEIGHTS, self.pretext_name
@@ -148,7 +170,7 @@ class BilevelTrainer(FaultChecks, TrainerBase):
     def build_hooks(self) -> list:
         cfg = self.cfg
         period = cfg.BISSL.CHECKPOINT_PERIOD
-        hook_list = [StageTimer()]
+        hook_list = [StageTimer(), CheckReplicas(cfg.REPLICA_CHECK_PERIOD)]
         # Every process: a save gathers each rank's RNG state (rank 0 writes). Period 0: only
         # the final checkpoint.
         hook_list.append(
@@ -222,7 +244,9 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
     def run_head_warmup(self) -> None:
         """phi_d on the frozen upper backbone (engine/warmup.py), then a checkpoint."""
-        train_head(self, warmup_iterations(self.cfg))
+        with self.stopping_every_rank():
+            train_head(self, warmup_iterations(self.cfg))
+        broadcast_buffers_(self.model)  # BN statistics of the upper level in training mode
         self.progress.warmup_done = True
         self.checkpointer.save("model_warmup", iteration=self.start_iter - 1)
 
@@ -230,6 +254,13 @@ class BilevelTrainer(FaultChecks, TrainerBase):
 
     def run_step(self) -> None:
         assert self.model.training, "BilevelTrainer: the model was left in eval mode"
+        with self.stopping_every_rank():
+            self.run_stage()
+        # Each process updated the BN statistics from its own batches: rank 0's for all, as
+        # DDP's broadcast_buffers does (they only matter in eval mode: export, evaluation).
+        broadcast_buffers_(self.model)
+
+    def run_stage(self) -> None:
         start = time.perf_counter()
         self._data_time = 0.0
         self._coupling = []
@@ -273,13 +304,16 @@ class BilevelTrainer(FaultChecks, TrainerBase):
     def lower_step(self, step: int) -> tuple[float, float]:
         """One step on L_P(theta, theta_p) + lambda/2 ||theta - phi||^2. Returns both losses."""
         lam = proximity_weight(self.cfg.BISSL)  # 0 for the decoupled control
+        self.where = ("lower", step)
         batch = self.next_pretext_batch()
         with self.first_order_precision():
             pretext_loss = self.model.pretext_loss(*batch)
-        self.check_finite(pretext_loss, "pretext loss", "lower", step)
         self.lower_optimizer.zero_grad(set_to_none=True)
         pretext_loss.backward()
-        all_reduce_grads_(self.lower_params)
+        # Every process learns of a NaN on any process here, in the gradients' all-reduce.
+        flags = self.fault_flags(pretext_loss)
+        all_reduce_grads_(self.lower_params, flags)
+        self.stop_on_flagged(flags, pretext_loss, "pretext loss", "lower", step)
         pairs = self.model.backbone_pairs
         with torch.no_grad():
             grads = [p.grad for p in pairs.lower]
@@ -313,46 +347,55 @@ class BilevelTrainer(FaultChecks, TrainerBase):
         BYOL's target. "fisher" uses the lower steps' gradient history: no pass at all.
         A BISSL.COUPLING other than "bilevel" solves nothing (x = g or 0), drawing the same batch.
         """
+        self.where = ("upper (curvature)", 0)
         coupling = self.cfg.BISSL.COUPLING
         if coupling != "bilevel":
             curvature = self.cfg.BISSL.HYPERGRAD.CURVATURE
             return FixedStageSystem.draw(coupling, curvature, self.next_pretext_batch)
         with tf32(self.cfg.BISSL.HYPERGRAD.ALLOW_TF32):
             system = self.hypergrad.stage_system(self.next_pretext_batch)
-        if system.curvature.loss is not None:
-            self.check_finite(system.curvature.loss, "pretext loss (curvature batch)", "upper", 0)
+        loss = system.curvature.loss
+        if loss is not None:
+            flags = self.fault_flags(loss)
+            all_reduce_mean_([flags])  # one tiny collective per stage
+            self.stop_on_flagged(flags, loss, "pretext loss (curvature batch)", "upper", 0)
         return system
 
     def upper_step(self, system: StageSystem | FixedStageSystem, step: int) -> dict[str, float]:
         bissl = self.cfg.BISSL
         model, pairs = self.model, self.model.backbone_pairs
         head = model.upper_head_parameters()
+        self.where = ("upper", step)
         batch = self.next_downstream_batch()
 
         # L_D(theta, phi_d): g for the implicit gradient, and phi_d's first gradient term.
         with self.first_order_precision(), self.divergence_guard("upper", step):
             lower_view = sum(model.downstream_losses(batch, with_lower_backbone=True).values())
-        self.check_finite(lower_view, "downstream loss on theta", "upper", step)
         grads = torch.autograd.grad(lower_view, (*pairs.lower, *head), allow_unused=True)
         grads = _fill_missing_grads((*pairs.lower, *head), grads)
-        g, head_grads = all_reduce_mean(grads[: len(pairs.lower)]), grads[len(pairs.lower) :]
+        head_grads = grads[len(pairs.lower) :]
+        *g, flags = all_reduce_mean([*grads[: len(pairs.lower)], self.fault_flags(lower_view)])
+        self.stop_on_flagged(flags, lower_view, "downstream loss on theta", "upper", step)
         try:
             with tf32(self.cfg.BISSL.HYPERGRAD.ALLOW_TF32):
-                x, solve_info = system.solve(g)
+                x, solve_info = system.solve(tuple(g))
         except (NonFiniteError, IndefiniteSystemError) as e:
-            self.fail_nonfinite(f"implicit gradient solver: {e}", "upper", step)
+            # The solver sees all-reduced g and products: every process stops here alike.
+            self.fail_nonfinite(f"implicit gradient solver: {e}", "upper", step, agreed=True)
 
         # gamma * L_D(phi, phi_d) on the same batch.
         self.upper_optimizer.zero_grad(set_to_none=True)
         with self.first_order_precision(), self.divergence_guard("upper", step):
             upper_losses = model.downstream_losses(batch)
             upper_loss = sum(upper_losses.values())
-        self.check_finite(upper_loss, "downstream loss on phi", "upper", step)
         (bissl.GAMMA * upper_loss).backward()
+        flags = self.fault_flags(upper_loss)
         with torch.no_grad():
             for p, extra in zip(head, head_grads, strict=True):
                 p.grad = extra if p.grad is None else p.grad.add_(extra)
-            all_reduce_grads_(self.upper_params)
+            all_reduce_grads_(self.upper_params, flags)
+        self.stop_on_flagged(flags, upper_loss, "downstream loss on phi", "upper", step)
+        with torch.no_grad():
             phi_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in pairs.upper]
             torch._foreach_add_(phi_grads, list(x))
             for p, grad in zip(pairs.upper, phi_grads, strict=True):

@@ -73,13 +73,16 @@ def train_head(trainer, iters: int) -> None:
     start = time.perf_counter()
     with frozen_upper_backbone(model, warm.BN_MODE):
         for it in range(iters):
+            trainer.where = (level, it)
             with trainer.divergence_guard(level, it):
                 losses = model.downstream_losses(trainer.next_downstream_batch())
             loss = sum(losses.values())
-            trainer.check_finite(loss, "head warm-up loss", level, it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            all_reduce_grads_(head)
+            # A NaN on any process stops every process here (flags ride on the all-reduce).
+            flags = trainer.fault_flags(loss)
+            all_reduce_grads_(head, flags)
+            trainer.stop_on_flagged(flags, loss, "head warm-up loss", level, it)
             optimizer.step()
             if comm.is_main_process() and (it % 20 == 0 or it == iters - 1):
                 eta = (time.perf_counter() - start) / (it + 1) * (iters - it - 1)

@@ -18,16 +18,26 @@ mean of the results is the Hessian-vector product ``H v`` of the global loss.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
+    "ReplicaMismatchError",
+    "agreed_flags",
     "all_reduce_grads_",
     "all_reduce_mean",
     "all_reduce_mean_",
+    "broadcast_buffers_",
+    "broadcast_module_",
+    "broadcast_tensors_",
+    "check_replicas_identical",
+    "collective_timeout",
+    "flagged_ranks",
     "gather_with_grad",
     "is_distributed",
     "rank",
@@ -166,9 +176,155 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return out
 
 
-def all_reduce_grads_(params: Iterable[torch.nn.Parameter]) -> None:
+def all_reduce_grads_(params: Iterable[torch.nn.Parameter], *extra: Tensor) -> None:
     """Average ``.grad`` over processes for every parameter that has one (in place).
 
     Every process must have gradients for the same parameters (true when all run the same graph).
+    ``extra`` float tensors (e.g. :func:`agreed_flags`' flags) are averaged in the same
+    collectives.
     """
-    all_reduce_mean_([p.grad for p in params if p.grad is not None])
+    all_reduce_mean_([*(p.grad for p in params if p.grad is not None), *extra])
+
+
+# ---- Identical replicas ------------------------------------------------------------------------
+
+
+def _unique_tensors(module: nn.Module, parameters: bool = True) -> list[Tensor]:
+    """The module's parameters (optional) and buffers, each once (tied tensors are shared)."""
+    seen: set[int] = set()
+    tensors = []
+    for t in (*(module.parameters() if parameters else ()), *module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            tensors.append(t)
+    return tensors
+
+
+@torch.no_grad()
+def broadcast_tensors_(tensors: Sequence[Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` with process ``src``'s values (bucketed: one collective per bucket).
+
+    Any dtype; every process must pass tensors of the same shapes, dtypes and order.
+    """
+    if world_size() == 1 or len(tensors) == 0:
+        return
+    for bucket in _buckets(tensors):
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in bucket])
+        dist.broadcast(flat, src)
+        offset = 0
+        for i in bucket:
+            t = tensors[i]
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def broadcast_module_(module: nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s parameters and buffers to every process, as DDP does when it wraps a model.
+
+    Call after the model is built and loaded (or resumed): random initialisation draws from
+    per-rank seeds, and a partial load leaves the rest random. No-op in one process.
+    """
+    broadcast_tensors_(_unique_tensors(module), src)
+
+
+def broadcast_buffers_(module: nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s buffers to every process (BN running statistics, which each process
+    updates from its own batches), as DDP does before each forward (``broadcast_buffers``)."""
+    broadcast_tensors_(_unique_tensors(module, parameters=False), src)
+
+
+class ReplicaMismatchError(RuntimeError):
+    """The processes' copies of a model differ: a multi-process run would train different models."""
+
+
+def _checksums(tensors: Sequence[Tensor]) -> Tensor:
+    """Per tensor: sum and sum of |x| in float64 (equal tensors give equal numbers on every
+    process of one job: same device type, shapes and reduction order). NaN/Inf become fixed
+    sentinels, so replicas that are equally broken compare equal."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    device = tensors[0].device
+    sums = torch.stack(
+        [
+            torch.stack((t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64))).to(device)
+            for t in tensors
+        ]
+    )
+    return torch.nan_to_num(sums, nan=1.5e308, posinf=1.6e308, neginf=-1.6e308).reshape(-1)
+
+
+@torch.no_grad()
+def check_replicas_identical(module: nn.Module, where: str = "") -> None:
+    """Stop every process if any floating-point parameter or buffer differs across processes.
+
+    One all-reduce (MAX of the per-tensor checksums and of their negatives: max == -max(-x) ==
+    min) of two float64 numbers per tensor. Collective: every process must call it at the same
+    point; all of them raise together. No-op in one process.
+
+    Raises:
+        ReplicaMismatchError: names the first differing tensor and how many differ.
+    """
+    if world_size() == 1:
+        return
+    names, tensors = [], []
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        if t.is_floating_point():
+            names.append(name)
+            tensors.append(t.detach())
+    local = _checksums(tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    both = torch.cat((local, -local)).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = both[: len(local)], -both[len(local) :]
+    differ = (high != low).reshape(-1, 2).any(dim=1).nonzero().flatten().tolist()
+    if differ:
+        raise ReplicaMismatchError(
+            f"{where}the model's copies differ across the {world_size()} processes in "
+            f"{len(differ)} of {len(names)} floating-point tensors, first {names[differ[0]]!r}: "
+            "the processes no longer train the same model (a tensor updated on one process only, "
+            "or a parameter never broadcast from rank 0)"
+        )
+
+
+# ---- Faults seen by one process ----------------------------------------------------------------
+
+
+def agreed_flags(fault: bool, device: torch.device | str = "cpu") -> Tensor:
+    """A float row with one entry per process: 1 at this process's rank if ``fault``.
+
+    Averaged over processes with other tensors (:func:`all_reduce_mean_`, or ``extra`` of
+    :func:`all_reduce_grads_`), it tells every process which processes saw a fault, without a
+    collective of its own; :func:`flagged_ranks` reads it.
+    """
+    flags = torch.zeros(world_size(), device=device)
+    flags[rank()] = float(fault)
+    return flags
+
+
+def flagged_ranks(flags: Tensor) -> list[int]:
+    """The ranks whose entry of averaged :func:`agreed_flags` is set."""
+    return (flags > 0).nonzero().flatten().tolist()
+
+
+# Environment variable: seconds a collective waits for a peer before it fails.
+TIMEOUT_ENV = "BISSL_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other processes: $BISSL_DIST_TIMEOUT seconds
+    (default 10 minutes). A process that died or hangs stops its peers after this long; it must
+    exceed the longest rank-0-only work the others wait for at a barrier (a checkpoint write,
+    a COCO evaluation)."""
+    value = os.environ.get(TIMEOUT_ENV, "")
+    if not value:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"${TIMEOUT_ENV} = {value!r}: give the timeout in seconds (> 0)")
+    return timedelta(seconds=seconds)

@@ -72,10 +72,12 @@ def _data():
 
 
 def _run(output_dir: str, rank: int, world: int, curvature: str) -> dict[str, torch.Tensor]:
-    """One lower step, the stage's system and one upper step on this process's share."""
-    torch.manual_seed(0)
+    """One lower step, the stage's system and one upper step on this process's share.
+
+    Each rank is seeded as the tools seed it (SEED + rank): its random initialisation differs,
+    and the trainer's start-up broadcast gives every rank rank 0's (= the 1-process run's)."""
+    torch.manual_seed(0 + rank)
     model = BiSSL(lower=ToyLower(), upper=ToyUpper())
-    model.copy_lower_backbone_to_upper()
     cfg = add_bissl_config(get_cfg())
     cfg.OUTPUT_DIR = output_dir
     cfg.BISSL.LOWER.CLIP_GRAD_NORM = cfg.BISSL.UPPER.CLIP_GRAD_NORM = 0.0
@@ -83,6 +85,7 @@ def _run(output_dir: str, rank: int, world: int, curvature: str) -> dict[str, to
     cfg.BISSL.LOWER.WARMUP_STEPS = 0
     cfg.BISSL.HYPERGRAD.CURVATURE = curvature
     trainer = BilevelTrainer(cfg, model=model)
+    trainer.resume_or_load(resume=False)  # empty MODEL.WEIGHTS: theta copied to phi, broadcast
     share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     pretext, downstream = _data()
     trainer._pretext_iter = iter([(v1[share], v2[share]) for v1, v2 in pretext])
