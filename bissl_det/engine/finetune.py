@@ -6,7 +6,9 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.engine import DefaultTrainer
+from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.utils import comm
 
 from ..checkpoint import check_detector_weights, load_checkpoint_file
@@ -14,7 +16,7 @@ from ..checkpoint.verify import verify_backbone_loaded
 from ..data.class_names import check_weights_classes, run_classes
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics
 from ..modeling.sync_bn import use_float32_sync_bn_statistics
-from ..utils.distributed import broadcast_module_
+from ..utils.distributed import broadcast_module_, broadcast_tensors_
 from ..utils.plots import FINETUNE_PLOTS
 from ..utils.preemption import ignore_in_workers
 from .checkpointer import AtomicCheckpointer
@@ -32,15 +34,32 @@ class FinetuneTrainer(FaultChecks, DefaultTrainer):
 
     Multi-process: Detectron2's DDP broadcasts rank 0's weights when it wraps the model (before
     MODEL.WEIGHTS or a checkpoint is loaded: every process loads the same file) and averages
-    gradients; the weights are broadcast once more after loading, and CheckReplicas compares the
-    copies every REPLICA_CHECK_PERIOD iterations. Detectron2 checks the loss for NaN on rank 0
-    only: the other processes stop when rank 0 does (engine/faults.py).
+    gradients; the weights are broadcast once more after loading, plain BN statistics after every
+    step, and CheckReplicas compares the copies every REPLICA_CHECK_PERIOD iterations.
+    Detectron2 checks the loss for NaN on rank 0 only: the other processes stop when rank 0 does
+    (engine/faults.py).
     """
 
     def run_step(self) -> None:
         self.where = ("fine-tuning", self.iter)
         with self.stopping_every_rank(), self.divergence_guard("fine-tuning", 0):
             super().run_step()
+        # Detectron2's DDP does not broadcast buffers: plain BN statistics would drift apart.
+        broadcast_tensors_(self.per_process_statistics)
+
+    @property
+    def per_process_statistics(self) -> list:
+        """Buffers of plain BN layers (each process updates them from its own batch); SyncBN
+        and FrozenBN keep theirs equal, so with them this is empty and costs nothing."""
+        if not hasattr(self, "_per_process_statistics"):
+            self._per_process_statistics = [
+                buffer
+                for module in self.model.modules()
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+                and not isinstance(module, (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm))
+                for buffer in module.buffers()
+            ]
+        return self._per_process_statistics
 
     @classmethod
     def build_model(cls, cfg):
