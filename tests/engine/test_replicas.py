@@ -12,9 +12,9 @@ import re
 import time
 from pathlib import Path
 
-from tests.conftest import NARROW_RESNET
 from tests.engine import replicas
 from tests.engine.replicas import CONFIGS
+from tests.helpers import NARROW_RESNET
 
 import pytest
 import torch
