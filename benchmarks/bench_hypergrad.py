@@ -54,7 +54,9 @@ from bissl_det.bilevel import (
     tuple_cosine,
     tuple_norm,
 )
+from bissl_det.engine.curvature_batch import curvature_images, graph_precision
 from bissl_det.engine.hypergrad import Hypergradient
+from bissl_det.engine.memory_plan import saved_tensor_bytes
 
 import torch
 from detectron2.utils.events import EventStorage
@@ -447,6 +449,50 @@ def accuracy(problem: Problem, runs: dict, args: argparse.Namespace, log) -> dic
     return {"references": refs, "eigenvalues": eig}
 
 
+def curvature_variants(problem: Problem, args: argparse.Namespace, log) -> dict:
+    """BISSL.HYPERGRAD.IMS_PER_BATCH and GRAPH_DTYPE on the trained state: each variant's
+    converged solution (MINRES) for every g, its cosine to the full-batch float32 one, and the
+    bytes its graph saves (the memory it costs)."""
+    model, full = problem.bench.model, problem.hessian_batch
+    device, n = full[0].device, full[0].shape[0]
+    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    variants = {
+        "full_float32": (n, "float32"),
+        "half_float32": (n // 2, "float32"),
+        "quarter_float32": (n // 4, "float32"),
+        "full_bfloat16": (n, "bfloat16"),
+        "half_bfloat16": (n // 2, "bfloat16"),
+    }
+    out, reference = {"system": args.variants_system}, None
+    for name, (images, dtype) in variants.items():
+        batch = curvature_images(full, images)
+        with graph_precision(dtype, device):
+            curv, graph_bytes = saved_tensor_bytes(
+                lambda batch=batch: pretext_curvature(
+                    args.variants_system, model.lower, batch, problem.params
+                ),
+                exclude,
+            )
+        solved = converged_solutions(problem, curv, args.reference_iters)
+        curv.release()
+        reference = reference or solved["xs"]
+        cos = [tuple_cosine(x, r).item() for x, r in zip(solved["xs"], reference, strict=True)]
+        out[name] = {
+            "images": images,
+            "graph_dtype": dtype,
+            "graph_bytes": graph_bytes,
+            "cos_to_full_float32": cos,
+            "cos_to_full_float32_min": min(cos),
+            "true_rel_residual_max": max(solved["true_rel_residual"]),
+        }
+        log(
+            f"  curvature {name}: {images} images, graph {graph_bytes / 2**20:.1f} MiB, cos to "
+            f"the full float32 solution min {min(cos):.4f} mean {statistics.mean(cos):.4f}; "
+            f"MINRES residual max {max(solved['true_rel_residual']):.1e}"
+        )
+    return out
+
+
 def summarise(runs: dict) -> dict:
     """Per estimator: means (and minima of the cosines) as the JSON's ``estimators`` entries."""
     authors_run = runs[AUTHORS]
@@ -650,6 +696,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="systems whose converged solutions are computed (cos_to_converged)",
     )
     p.add_argument("--num-rhs", type=int, default=8, help="right-hand sides per stage (N_U)")
+    p.add_argument(
+        "--curvature-variants",
+        action="store_true",
+        help="also: smaller curvature batches and a bf16 graph vs the full float32 solution",
+    )
+    p.add_argument("--variants-system", default="hessian", choices=("hessian", "ggn"))
     p.add_argument("--lower-lr", type=float, default=1.0, help="LARS lr of the training")
     p.add_argument("--plain-repeats", type=int, default=3)
     p.add_argument("--stage-repeats", type=int, default=1)
@@ -735,6 +787,8 @@ def main(argv: list[str] | None = None) -> dict:
                     names = args.estimators.split(",")
                     runs = measure_estimators(problem, names, args.repeats, CLOCKS[args.clock], log)
                     res.update(accuracy(problem, runs, args, log))
+                    if args.curvature_variants:
+                        res["curvature_variants"] = curvature_variants(problem, args, log)
                     res["memory_method"] = runs.pop("_memory_method")
                     res["estimators"] = summarise(runs)
                     res["recommended"] = recommend(res["estimators"])
