@@ -133,6 +133,10 @@ def add_bissl_config(cfg: CN) -> CN:
     _C.BISSL.HYPERGRAD.ON_NEGATIVE_CURVATURE = "truncate"
     # Lanczos basis size per stage (SOLVER "lanczos").
     _C.BISSL.HYPERGRAD.BASIS_SIZE = 10
+    # True: grow the Lanczos basis (SOLVER "lanczos") only until the free residual estimate of
+    # the stage's first right-hand side meets TOL (> 0), BASIS_SIZE being the cap; the size
+    # used is logged as hypergrad_basis_size.
+    _C.BISSL.HYPERGRAD.ADAPTIVE_BASIS = False
     # Lower-step pretext gradients kept for CURVATURE "fisher", and where ("cpu" or "model": the
     # model's device). m gradients of the backbone: ~0.1 GB each for a ResNet-50.
     _C.BISSL.HYPERGRAD.FISHER_HISTORY = 20

@@ -147,7 +147,9 @@ class StageSystem:
         solver: A name in :data:`~bissl_det.bilevel.registry.SOLVERS`, or a :class:`Solver`.
         head: Pretext-head tensors (templates of the zero right-hand side); empty: no head.
         eigen_steps: Lanczos steps of the eigenvalue estimate (0: none).
-        basis_size: Size of a stage basis.
+        basis_size: Size of a stage basis (with ``basis_tol``: its cap).
+        basis_tol: > 0: the stage basis grows only until the free residual estimate of its
+            first right-hand side meets it (:meth:`LanczosBasis.build`); 0: ``basis_size``.
         **solver_options: Passed to every solve (``max_iter``, ``tol``,
             ``on_negative_curvature``, ``check_residual``, solver-specific options).
 
@@ -165,6 +167,7 @@ class StageSystem:
         head: Sequence[torch.Tensor] = (),
         eigen_steps: int = 0,
         basis_size: int = 20,
+        basis_tol: float = 0.0,
         **solver_options: Any,
     ) -> None:
         self.curvature, self.head = curvature, tuple(head)
@@ -181,7 +184,7 @@ class StageSystem:
                 f"solver {self.solver.name!r} needs a curvature with an exact damped solve; "
                 f"{type(curvature).__name__} has none"
             )
-        self.eigen_steps, self.basis_size = eigen_steps, basis_size
+        self.eigen_steps, self.basis_size, self.basis_tol = eigen_steps, basis_size, basis_tol
         self.options = solver_options
         self.eigen: tuple[float, float] | None = None
         self._start = curvature.products  # a Fisher history is counted across stages
@@ -199,7 +202,7 @@ class StageSystem:
         rhs = (*g, *(torch.zeros_like(h, dtype=g[0].dtype) for h in self.head))
         matvec = self.operator(len(g))
         if self.solver.stage_basis and self._basis is None:
-            self._basis = LanczosBasis.build(matvec, rhs, self.basis_size)
+            self._basis = LanczosBasis.build(matvec, rhs, self.basis_size, tol=self.basis_tol)
             theta = self._basis.ritz_values
             self.eigen = (theta[0].item(), theta[-1].item())
         elif self.eigen is None and self.eigen_steps > 0:
@@ -222,6 +225,11 @@ class StageSystem:
             cosine=tuple_cosine(x, g).item(),
             norm_ratio=tuple_norm(x).item() / g_norm if g_norm > 0 else 0.0,
         )
+
+    @property
+    def basis_vectors(self) -> int | None:
+        """Size of the stage basis once built (an adaptive one may be below ``basis_size``)."""
+        return None if self._basis is None else self._basis.size
 
     def stage_products(self) -> int:
         """Curvature products since this system was built (basis, estimates and solves)."""

@@ -72,6 +72,12 @@ def check_hypergrad_config(hg) -> None:
         )
     if solver.iterative and hg.MAX_ITER < 1:
         raise ValueError(f"BISSL.HYPERGRAD.MAX_ITER = 0: solver {hg.SOLVER!r} needs >= 1")
+    if hg.ADAPTIVE_BASIS and (not solver.stage_basis or hg.TOL <= 0):
+        raise ValueError(
+            "BISSL.HYPERGRAD.ADAPTIVE_BASIS grows a Lanczos stage basis until its residual "
+            f"estimate meets TOL: it needs SOLVER 'lanczos' and TOL > 0; SOLVER = {hg.SOLVER!r}, "
+            f"TOL = {hg.TOL}"
+        )
 
 
 def solve_metrics(info: ImplicitGradInfo) -> dict[str, float]:
@@ -93,6 +99,9 @@ def stage_metrics(system: StageSystem) -> dict[str, float]:
     out = {"hypergrad_stage_products": float(system.stage_products())}
     if system.eigen is not None:
         out["hypergrad_eig_min"], out["hypergrad_eig_max"] = system.eigen
+    basis = getattr(system, "basis_vectors", None)  # a coupling arm's fixed system has none
+    if basis is not None:
+        out["hypergrad_basis_size"] = float(basis)
     return out
 
 
@@ -157,6 +166,7 @@ class Hypergradient:
             head=head,
             eigen_steps=hg.EIGEN_STEPS,
             basis_size=hg.BASIS_SIZE,
+            basis_tol=hg.TOL if hg.ADAPTIVE_BASIS else 0.0,
             max_iter=hg.MAX_ITER,
             tol=hg.TOL,
             on_negative_curvature=hg.ON_NEGATIVE_CURVATURE,

@@ -124,3 +124,38 @@ def test_eigen_estimate_once_per_stage_not_counted_in_solves():
     assert first.products == second.products == 3
     assert system.stage_products() == DIM + 6
     assert system.eigen == pytest.approx((1.0, 2.0), abs=1e-8)  # A = I + C/2, C in [0, 2]
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-6])
+def test_adaptive_stage_basis_meets_tol_against_linalg_solve(tol):
+    """BISSL.HYPERGRAD.ADAPTIVE_BASIS: the basis stops once its estimate meets tol."""
+    c = random_spd(DIM, low=0.0, high=200.0, seed=41)  # A = I + C / 2: condition ~100
+    b = random_tuple(42)
+    system = StageSystem(
+        DenseCurvature(c), LAM, DAMPING, "lanczos", basis_size=DIM, basis_tol=tol,
+        max_iter=0, check_residual=True,
+    )  # fmt: skip
+    x, info = system.solve(b)
+    exact = _expected(c, b)
+    b_norm = torch.linalg.norm(flatten(b)).item()
+    assert info.solve_info.rel_residual <= tol * (1 + 1e-6)  # the true residual
+    assert torch.linalg.norm(flatten(x) - exact).item() <= tol * b_norm * (1 + 1e-6)  # A >= I
+    assert system.basis_vectors < DIM or tol < 1e-3  # 14 unknowns: 1e-6 may need them all
+    fixed = StageSystem(DenseCurvature(c), LAM, DAMPING, "lanczos", basis_size=DIM, max_iter=0)
+    fixed.solve(b)
+    assert fixed.basis_vectors == DIM
+
+
+def test_adaptive_basis_needs_lanczos_and_a_tol():
+    from bissl_det.config import add_bissl_config
+    from bissl_det.engine.hypergrad import check_hypergrad_config
+
+    from detectron2.config import get_cfg
+
+    hg = add_bissl_config(get_cfg()).BISSL.HYPERGRAD
+    hg.ADAPTIVE_BASIS, hg.SOLVER, hg.TOL = True, "lanczos", 1e-2
+    check_hypergrad_config(hg)
+    for solver, tol in (("cg", 1e-2), ("lanczos", 0.0)):
+        hg.SOLVER, hg.TOL = solver, tol
+        with pytest.raises(ValueError, match="ADAPTIVE_BASIS"):
+            check_hypergrad_config(hg)
