@@ -18,7 +18,7 @@ Before anything is submitted, the tool's config is loaded and checked here, as t
 start-up would (values, data sets, batch sizes for nodes x GPUs processes): a bad config exits
 non-zero naming the key. --skip-data-check checks the config's values only (data sets that
 only the compute nodes can read). --cpus-per-task defaults to GPUs per node x (loader workers
-+ 1), --mem to GPUs per node x (8 GB + 2 GB per loader worker); see docs/clusters.md.
++ 1), --mem to GPUs per node x (8 GB + 2 GB per loader worker); see docs/many_gpus.md.
 """
 
 from __future__ import annotations
