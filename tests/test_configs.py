@@ -5,6 +5,7 @@ from pathlib import Path
 
 from bissl_det.config import add_bissl_config
 from bissl_det.engine.setup import load_config
+from bissl_det.utils.config_values import flatten
 
 import pytest
 import yaml
@@ -26,24 +27,13 @@ def _raw(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """``{"A": {"B": 1}}`` -> ``{"A.B": 1}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _base_chain_values(path: Path) -> dict:
     """The keys the ``_BASE_`` files of ``path`` set themselves (nearest base wins)."""
     base = _raw(path).get("_BASE_")
     if base is None:
         return {}
     base_path = path.parent / base
-    own = {k: v for k, v in _flat(_raw(base_path)).items() if k != "_BASE_"}
+    own = {k: v for k, v in flatten(_raw(base_path)).items() if k != "_BASE_"}
     return {**_base_chain_values(base_path), **own}
 
 
@@ -74,7 +64,7 @@ def test_leaves_are_short_and_do_not_repeat_their_base(path):
     lines = path.read_text().splitlines()
     assert len(lines) <= MAX_LEAF_LINES, f"{path}: {len(lines)} lines"
     inherited = _base_chain_values(path)
-    own = {k: v for k, v in _flat(_raw(path)).items() if k != "_BASE_"}
+    own = {k: v for k, v in flatten(_raw(path)).items() if k != "_BASE_"}
     repeated = sorted(k for k, v in own.items() if k in inherited and inherited[k] == v)
     assert not repeated, f"{path} repeats its base's values of {repeated}"
 

@@ -25,11 +25,11 @@ import json
 import logging
 import sys
 from collections.abc import Mapping
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint.io import atomic_write_text
+from ..utils.config_values import values_except
 
 logger = logging.getLogger(__name__)
 
@@ -89,32 +89,9 @@ def add_overwrite_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def _flat(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _plain(value: Any) -> Any:
-    """JSON-comparable: tuples become lists (a YAML list and a CLI tuple are the same value)."""
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
-
-
 def identity_keys(cfg: Mapping) -> dict[str, Any]:
     """The config values a run is defined by (all but :data:`MAY_CHANGE`), sorted by key."""
-    return {
-        key: _plain(value)
-        for key, value in sorted(_flat(cfg).items())
-        if not any(fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
-    }
+    return values_except(cfg, MAY_CHANGE)
 
 
 def run_identity(cfg: Mapping, tool: str) -> dict[str, Any]:

@@ -20,10 +20,10 @@ one file lacks are always refused (nothing can be averaged over them). Files wit
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from ..utils.config_values import values_except
 from ..utils.results import read_runs, runs_of
 
 __all__ = [
@@ -53,31 +53,9 @@ class IncomparableResultsError(ValueError):
     """Results files that must not be averaged or compared; names the file and the difference."""
 
 
-def _flat(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
-
-
 def config_values(cfg: Mapping) -> dict[str, Any]:
     """The config values that must agree between seeds of one experiment (JSON-ready)."""
-    return {
-        key: _plain(value)
-        for key, value in sorted(_flat(cfg).items())
-        if not any(fnmatchcase(key, pattern) for pattern in IGNORED_CONFIG)
-    }
+    return values_except(cfg, IGNORED_CONFIG)
 
 
 def _tool(provenance: Mapping) -> str | None:
