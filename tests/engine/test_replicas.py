@@ -39,8 +39,8 @@ TINY_CLS += ["CLS.IMAGE_SIZE", "32"]
 TINY_CLS += ["MODEL.SIMCLR.PROJECTOR_DIMS", "[32, 16]", "BISSL.PRETEXT_DATA.AUG.CROP_SIZE", "32"]
 
 
-def assert_identical_replicas(output_dir: Path) -> None:
-    differ, total = replicas.floating_differences(output_dir, WORLD)
+def assert_identical_replicas(output_dir: Path, world: int = WORLD) -> None:
+    differ, total = replicas.floating_differences(output_dir, world)
     assert total > 100
     assert not differ, (
         f"{len(differ)} of {total} floating tensors differ across ranks: {differ[:5]}"
@@ -88,6 +88,15 @@ def test_bissl_from_pretext_weights(tmp_path, pretext_weights, config, opts):
     weights = ["MODEL.WEIGHTS", str(pretext_weights)]
     replicas.run(WORLD, "train_bissl", CONFIGS / "quick" / config, out, *FAST, *opts, *weights)
     assert_identical_replicas(out)
+
+
+def test_three_processes_classification(tmp_path, pretext_weights):
+    """An odd world size: 3 ranks, batches split in thirds, still one model."""
+    out = tmp_path / "run"
+    opts = [*TINY_CLS, "BISSL.UPPER.IMS_PER_BATCH", "6", "BISSL.LOWER.IMS_PER_BATCH", "12"]
+    config = CONFIGS / "quick" / "bissl_simclr_cls_demo.yaml"
+    replicas.run(3, "train_bissl", config, out, *FAST, *opts, "MODEL.WEIGHTS", str(pretext_weights))
+    assert_identical_replicas(out, world=3)
 
 
 def test_pretraining_byol_then_resume(tmp_path):
