@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_data.py --threads 1 [--quick] [--images DIR] [--out FILE]
+    python -m benchmarks.bench_data --threads 1 [--quick] [--images DIR] [--out FILE]
 
 For each crop size (96 and 224 px) both pipelines process the same JPEG files in alternating
 blocks in one process: read the file (``read_rgb``, the loader's reader: full decode, EXIF,
