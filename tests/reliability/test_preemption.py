@@ -62,8 +62,14 @@ def test_loader_workers_ignore_signals_from_others_but_end_on_their_parents(cont
 
 def test_without_the_wrapper_a_loader_worker_dies_of_a_schedulers_sigterm():
     """The failure the wrapper prevents (torch's own worker handler re-raises SIGTERM)."""
-    batches = iter(DataLoader(_Slow(), num_workers=1, multiprocessing_context="fork"))
-    next(batches)
+    # The forked worker inherits this process's handler: make it the default one, whatever an
+    # earlier test in this process left installed.
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        batches = iter(DataLoader(_Slow(), num_workers=1, multiprocessing_context="fork"))
+        next(batches)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     worker = batches._workers[0]
     subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
     worker.join(timeout=10)
