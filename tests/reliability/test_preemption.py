@@ -38,23 +38,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
 def test_loader_workers_ignore_signals_from_others_but_end_on_their_parents(context):
     loader = DataLoader(
         _Slow(), num_workers=1, worker_init_fn=_seeded, multiprocessing_context=context
     )
     assert ignore_in_workers(ignore_in_workers(loader)) is loader
     assert loader.worker_init_fn.args == (_seeded,)  # wrapped once
+    assert loader.multiprocessing_context.get_start_method() == context
     batches = iter(loader)
     assert int(next(batches)) == 0
     worker = batches._workers[0]
-    # From another process (kill(1)), as a scheduler signals every process of a job.
-    for signum in INTERRUPT_SIGNALS:
-        subprocess.run(["kill", f"-{signal.Signals(signum).name}", str(worker.pid)], check=True)
+    # From another process (kill(1)), as a scheduler signals every process of a job. A spawned
+    # worker has threads of its own imports (OpenBLAS's pool) that may receive them: repeat.
+    for _ in range(5):
+        for signum in INTERRUPT_SIGNALS:
+            name = signal.Signals(signum).name
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
     time.sleep(1.0)
     assert worker.is_alive(), f"the loader worker died (exit {worker.exitcode})"
     assert [int(next(batches)) for _ in range(3)] == [1, 2, 3]
-    # Its parent's SIGTERM (torch's and multiprocessing's way to end workers) still ends it.
+    # Its parent's terminate() (torch's and multiprocessing's way to end workers) still ends it.
     worker.terminate()
     worker.join(timeout=10)
     assert not _alive(worker.pid) and worker.exitcode == 0
@@ -63,7 +67,8 @@ def test_loader_workers_ignore_signals_from_others_but_end_on_their_parents(cont
 def test_without_the_wrapper_a_loader_worker_dies_of_a_schedulers_sigterm():
     """The failure the wrapper prevents (torch's own worker handler re-raises SIGTERM)."""
     # The forked worker inherits this process's handler: make it the default one, whatever an
-    # earlier test in this process left installed.
+    # earlier test in this process left installed; and torch's SIGCHLD handler in this process
+    # would raise on the death this test causes.
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         batches = iter(DataLoader(_Slow(), num_workers=1, multiprocessing_context="fork"))
@@ -71,10 +76,14 @@ def test_without_the_wrapper_a_loader_worker_dies_of_a_schedulers_sigterm():
     finally:
         signal.signal(signal.SIGTERM, previous)
     worker = batches._workers[0]
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
-    worker.join(timeout=10)
-    assert worker.exitcode == -signal.SIGTERM
-    batches._shutdown_workers()
+    on_child = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+        worker.join(timeout=10)
+        assert worker.exitcode == -signal.SIGTERM
+        batches._shutdown_workers()
+    finally:
+        signal.signal(signal.SIGCHLD, on_child)
 
 
 def test_a_second_signal_while_stopping_does_not_raise_again():
