@@ -147,9 +147,11 @@ def lanczos_extremes(
 ) -> tuple[float, float, RitzInfo]:
     """Estimate the smallest and largest eigenvalue of symmetric ``A`` from ``steps`` products.
 
-    The Ritz values of the Krylov space of ``v0`` lie inside the spectrum and its ends converge
-    first; ``lam_min <= 0`` already proves that ``A`` is not positive definite (on the part of the
-    space ``v0`` reaches). Memory: three tuples shaped like ``v0`` besides ``matvec``'s output.
+    In exact arithmetic the Ritz values of the Krylov space of ``v0`` lie inside the spectrum and
+    its ends converge first, so ``lam_min <= 0`` proves that ``A`` is not positive definite. In
+    floating point the plain recurrence loses orthogonality and a product carries rounding: Ritz
+    values can leave the spectrum by about ``sqrt(eps) * lam_max`` (float32, a damped low-rank
+    Fisher: below 0). Memory: three tuples shaped like ``v0`` besides ``matvec``'s output.
 
     Args:
         matvec: ``v -> A v`` on tuples shaped like ``v0``.

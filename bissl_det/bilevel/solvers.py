@@ -21,6 +21,7 @@ from .krylov import (
     MatVec,
     SolveInfo,
     TensorTuple,
+    accumulation_dtype,
     apply_matvec,
     finish_info,
     finite_or_raise,
@@ -149,11 +150,17 @@ def neumann_series(
 
     Converges to ``A^-1 b`` iff the spectral radius of ``I - alpha A`` (on the eigenvectors present
     in ``b``) is below 1; for SPD ``A``: ``0 < alpha < 2 / lambda_max``. ``power_iters`` Lanczos
-    steps from ``b`` (:func:`.lanczos_extremes`) estimate the extreme eigenvalues first. Ritz values
-    lie inside the spectrum, so a refusal below is certain, never a false alarm:
+    steps from ``b`` (:func:`.lanczos_extremes`) estimate the extreme eigenvalues first. In exact
+    arithmetic Ritz values lie inside the spectrum; in floating point a product carries rounding of
+    about ``sqrt(eps) * lambda_max`` (a float32 dot over millions of terms), and a Ritz value
+    within that of 0 cannot tell a small positive eigenvalue (the damping of a low-rank Fisher)
+    from an indefinite ``A``. So:
 
-    - ``lambda_min`` estimate ``<= 0``: ``A`` is not positive definite, no step size converges:
-      :class:`IndefiniteSystemError`.
+    - ``lambda_min`` estimate ``<= -sqrt(eps) * lambda_max``: beyond rounding, ``A`` is not
+      positive definite and no step size converges: :class:`IndefiniteSystemError`.
+    - within ``sqrt(eps) * lambda_max`` of 0: the series runs (``|1 - alpha lambda|`` exceeds 1 by
+      at most that rounding level, so ``max_iter`` terms do not diverge; those components
+      converge slowly, as the logged residual shows).
     - ``alpha`` given and ``|1 - alpha * theta| >= 1`` for an extreme Ritz value ``theta``: the
       series diverges: ``ValueError``.
 
@@ -198,16 +205,18 @@ def neumann_series(
         seen = (
             f"Lanczos estimate from b ({est.steps} steps): lambda in [{lam_min:.4g}, {lam_max:.4g}]"
         )
-        if lam_min <= 0:
+        rounding = math.sqrt(torch.finfo(accumulation_dtype(b[0])).eps) * abs(lam_max)
+        if lam_min <= -rounding or lam_max <= 0:
             raise IndefiniteSystemError(
-                f"{name}: {seen}; the smallest eigenvalue is <= 0, so A is not positive definite "
+                f"{name}: {seen}; the smallest eigenvalue is < 0 beyond rounding "
+                f"({rounding:.3g}), so A is not positive definite "
                 "and the spectral radius of I - alpha A is >= 1 for every alpha: the series cannot "
                 "converge. Use a PSD curvature (Gauss-Newton, Fisher), more damping, or solver "
                 "'cg' with on_negative_curvature='truncate'."
             )
         if alpha is None:
             alpha = 1.0 / lam_max
-        elif max(abs(1 - alpha * lam_min), abs(1 - alpha * lam_max)) >= 1:
+        elif alpha * lam_max >= 2:  # |1 - alpha lambda| >= 1 at the top (the bottom: above)
             raise ValueError(
                 f"{name}: alpha = {alpha:.4g} makes the spectral radius of I - alpha A >= 1 "
                 f"({seen}), so the series diverges; use alpha < {2 / lam_max:.4g} or alpha=None."
