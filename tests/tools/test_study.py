@@ -12,7 +12,7 @@ from bissl_det.checkpoint import export_backbone
 from bissl_det.engine.pretrain import build_pretrain_model
 from bissl_det.study import load_study_config
 from bissl_det.study.config import StudyConfigError
-from bissl_det.study.runs import LAUNCH_LOG, RECORD, Run
+from bissl_det.study.runs import LAUNCH_LOG, RECORD, Run, threads_per_run
 from tests.helpers import CONFIGS, NARROW_RESNET, tiny_config
 from tools.study import main as study_main
 
@@ -162,3 +162,13 @@ def test_runs_resume_where_they_can_and_go_through_submit_when_asked(tmp_path):
     assert job[1].endswith("tools/submit.py")
     assert job[2:6] == ["train_bissl", "--wait", "--gpus-per-node", "8"]
     assert job[6:] == train.tool_args()
+
+
+def test_runs_side_by_side_share_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert [threads_per_run(j)["OMP_NUM_THREADS"] for j in (0, 1, 2, 3, 32)] == [
+        "16", "16", "8", "5", "1"
+    ]  # fmt: skip
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice stands
+    assert threads_per_run(2)["OMP_NUM_THREADS"] == "4"
