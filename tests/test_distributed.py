@@ -202,3 +202,13 @@ def test_collective_timeout_from_the_environment(monkeypatch) -> None:
         monkeypatch.setenv(du.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match="BISSL_DIST_TIMEOUT"):
             du.collective_timeout()
+
+
+def test_launched_processes_share_the_cores(monkeypatch) -> None:
+    from bissl_det.engine.launch import threads_per_process
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert [threads_per_process(n) for n in (1, 8, 64, 100)] == [64, 8, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice stands
+    assert threads_per_process(8) is None

@@ -71,6 +71,10 @@ class EmpiricalFisherCurvature(Curvature):
                 f"{[tuple(s) for s in shapes]}, the history holds "
                 f"{[tuple(s) for s in self._shapes]}"
             )
+        if self.device is None and self._slots.device != ts[0].device:
+            # The gradients' device, whatever a checkpoint was loaded onto (a resume maps to
+            # the CPU): moved once, not read across devices at every product.
+            self._slots, self._gram = self._slots.to(ts[0].device), self._gram.to(ts[0].device)
         flat = torch.cat([t.detach().reshape(-1) for t in ts])
         return flat.to(self._slots.device, self._slots.dtype)
 
@@ -180,7 +184,8 @@ class EmpiricalFisherCurvature(Curvature):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (onto this object's ``device``)."""
+        """Restore :meth:`state_dict` (onto this object's ``device``; with None, onto the
+        gradients' device at the next append, product or solve)."""
         if state["history_size"] != self.history_size:
             raise ValueError(
                 f"EmpiricalFisherCurvature: checkpoint history_size {state['history_size']} != "

@@ -14,6 +14,7 @@ signal ended before it could handle it (while it was starting) counts as interru
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -129,10 +130,22 @@ def start_resource_tracker() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def threads_per_process(per_machine: int) -> int | None:
+    """CPU threads for each of a machine's ``per_machine`` processes: its cores shared out
+    (torch would give every process all of them: 8 ranks x all cores). None when
+    ``OMP_NUM_THREADS`` is set: the user decided."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // max(1, per_machine))
+
+
 def _worker(
     local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout
 ) -> None:
     rank = machine_rank * per_machine + local_rank
+    threads = threads_per_process(per_machine)
+    if threads is not None:
+        torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     if cuda:
         if per_machine > torch.cuda.device_count():

@@ -247,6 +247,24 @@ def test_fisher_gram_kept_incrementally_and_state_round_trip():
         EmpiricalFisherCurvature(history_size=4).load_state_dict(fisher.state_dict())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fisher_on_the_model_device_returns_there_after_a_resume():
+    """FISHER_DEVICE "model": a checkpoint loads onto the CPU; the history follows the gradients
+    back to the GPU instead of being read across devices at every product."""
+    gen = torch.Generator().manual_seed(6)
+    like = (torch.empty(7, dtype=DT),)
+    fisher = EmpiricalFisherCurvature(history_size=3, device=None)
+    for _ in range(3):
+        fisher.append(tuple(t.cuda() for t in random_like(like, gen)))
+    state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in fisher.state_dict().items()}
+    restored = EmpiricalFisherCurvature(history_size=3, device=None)
+    restored.load_state_dict(state)
+    b = tuple(t.cuda() for t in random_like(like, gen))
+    torch.testing.assert_close(restored.solve_damped(b, 0.7), fisher.solve_damped(b, 0.7))
+    assert restored.state_dict()["slots"].is_cuda and restored.state_dict()["gram"].is_cuda
+
+
 def test_fisher_solve_with_parallel_float32_gradients():
     # Identical gradients: a rank-1 Gram matrix whose float32 rounding is not exactly PSD.
     gen = torch.Generator().manual_seed(9)
