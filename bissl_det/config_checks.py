@@ -23,6 +23,7 @@ import yaml
 from detectron2.config import CfgNode
 
 from .config import COUPLINGS
+from .data.build import downstream_train_size, pretext_image_paths
 
 BASE_KEY = "_BASE_"
 COMMAND_LINE = "command-line override"
@@ -402,8 +403,6 @@ def check_batch_sizes(cfg: CfgNode, origins: ConfigOrigins, tool: str, world_siz
     Raises:
         ConfigError: one line per invalid batch, naming where it was set.
     """
-    from .data.build import downstream_train_size, pretext_image_paths
-
     sizes = {
         "pretext": lambda: (len(pretext_image_paths(cfg)), "pretext images (BISSL.PRETEXT_DATA)"),
         "downstream": lambda: (downstream_train_size(cfg), "downstream training samples"),

@@ -15,10 +15,11 @@ OUTPUT_DIR/seed_<seed>/ (metrics.json, TensorBoard events, plots). Single proces
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine.cls_eval import run_cls_eval
 from bissl_det.engine.launch import launch_from_args
+from bissl_det.engine.records import write_results
 from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
-from bissl_det.utils.provenance import utc_now, write_results
+from bissl_det.utils.provenance import utc_now
 
 from detectron2.engine import default_argument_parser
 

@@ -19,10 +19,11 @@ import bissl_det  # noqa: F401  (compatibility shims + registrations, before det
 from bissl_det.engine.checkpointer import AtomicCheckpointer
 from bissl_det.engine.finetune import FinetuneTrainer, check_initial_weights, summarise
 from bissl_det.engine.launch import launch_from_args
+from bissl_det.engine.records import write_results
 from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
-from bissl_det.utils.provenance import utc_now, write_results
+from bissl_det.utils.provenance import utc_now
 
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm

@@ -15,10 +15,11 @@ import bissl_det  # noqa: F401  (compatibility shims + registrations, before det
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.memory_plan import check_stage_memory, plan_stage_memory
+from bissl_det.engine.records import write_results
 from bissl_det.engine.run_identity import add_overwrite_flag
 from bissl_det.engine.setup import setup
 from bissl_det.utils.cli import describe
-from bissl_det.utils.provenance import utc_now, write_results
+from bissl_det.utils.provenance import utc_now
 
 import torch
 from detectron2.engine import default_argument_parser

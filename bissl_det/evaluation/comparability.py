@@ -5,7 +5,7 @@ together) every results file must therefore agree on
 
 * the tool that wrote it, and its config: every value but SEED, paths of the run and
   settings that do not change results (:data:`IGNORED_CONFIG`); recorded by
-  :func:`~bissl_det.utils.provenance.provenance` as ``config_values``;
+  :func:`~bissl_det.engine.records.provenance` as ``config_values``;
 * the data: training and test sets, their sizes (``provenance.data``);
 * the initial weights (sha256 of MODEL.WEIGHTS);
 * the metrics it reports.
