@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 
+from .catalog import dataset_dicts
 from .inspect_cost import HeadCost
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -60,10 +62,6 @@ def collect_split(name: str) -> SplitBoxes:
 
     Crowd annotations (``iscrowd`` 1) are left out, as Detectron2's training mapper does.
     """
-    from detectron2.data import MetadataCatalog
-
-    from .catalog import dataset_dicts
-
     dicts = dataset_dicts(name)
     hw, wh, image_index, classes = [], [], [], []
     for i, record in enumerate(dicts):

@@ -22,6 +22,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
 
+from ..data.detection import register_from_config
 from ..engine.logs import LOGGERS, use_colour
 from ..engine.run_identity import identity_keys
 from ..engine.signals import INTERRUPT_SIGNALS, TrainingInterrupted, handling, signal_name
@@ -136,8 +137,6 @@ def _worker_process(
     log_file = str(Path(cfg.OUTPUT_DIR) / f"log_worker{index}.txt")
     for name in LOGGERS:
         setup_logger(log_file, distributed_rank=0, color=use_colour(), name=name)
-    from ..data.detection import register_from_config
-
     register_from_config(cfg)  # this process's catalog knows only the built-in datasets
     logger.info("search worker %d on %s", index, f"GPU {device}" if device else "CPU")
     work(cfg, options, index)

@@ -29,6 +29,7 @@ from ..utils.results import read_runs
 from ..utils.stats import paired_difference
 from .config import arm_kind, comparisons_of, metrics_of
 from .plan import StudyPlan
+from .plots import plot_study
 
 
 def _match(metrics: dict[str, float], name: str, where: str) -> float:
@@ -233,6 +234,4 @@ def write_report(study: dict, out_dir: Path, settings: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(study, indent=2) + "\n", out_dir / "study.json")
     atomic_write_text(markdown(study, settings) + "\n", out_dir / "report.md")
-    from .plots import plot_study
-
     plot_study(study, out_dir)
