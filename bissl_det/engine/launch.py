@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -44,10 +43,12 @@ logger = logging.getLogger(__name__)
 GRACE_SECONDS = 20.0
 
 
-def free_local_url() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+def _tcp_address(dist_url: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``tcp://HOST:PORT`` URL; None for other rendezvous (``file://``)."""
+    if not dist_url.startswith("tcp://"):
+        return None
+    host, _, port = dist_url[len("tcp://") :].rpartition(":")
+    return host, int(port)
 
 
 def launch(
@@ -72,10 +73,18 @@ def launch(
         main_func(*args)
         return
     timeout = collective_timeout() if timeout is None else timeout
+    store = None
     if dist_url in (None, "auto"):
         if num_machines != 1:
             raise ValueError("--dist-url auto only works on one machine: give tcp://HOST:PORT")
-        dist_url = free_local_url()
+        store = dist.TCPStore("127.0.0.1", 0, world_size, True, timeout, wait_for_workers=False)
+        dist_url = f"tcp://127.0.0.1:{store.port}"
+    elif (address := _tcp_address(dist_url)) is not None and machine_rank == 0:
+        store = dist.TCPStore(*address, world_size, True, timeout, wait_for_workers=False)
+    # This process holds the rendezvous store, not rank 0 (torch's default): the ranks of a
+    # run that stops together end in any order, and a rank 0 that ended first took the store
+    # from a peer still shutting down its group (it aborted: "terminate called without an
+    # active exception"). The store lives until every worker here has ended.
     with SignalForwarder() as forwarder:
         start_resource_tracker()
         context = mp.start_processes(
@@ -153,12 +162,18 @@ def _worker(
         torch.cuda.set_device(local_rank)
     with interrupt_immediately():
         try:
+            address = _tcp_address(dist_url)
+            rendezvous = (
+                {"init_method": dist_url}
+                if address is None
+                else {"store": dist.TCPStore(*address, world_size, False, timeout)}
+            )
             dist.init_process_group(
                 "nccl" if cuda else "gloo",
-                init_method=dist_url,
                 world_size=world_size,
                 rank=rank,
                 timeout=timeout,
+                **rendezvous,
             )
             # Detectron2's comm.get_local_rank() needs the group of this machine's processes.
             for machine in range(world_size // per_machine):
