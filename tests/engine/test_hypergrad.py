@@ -6,7 +6,7 @@ import math
 
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.hypergrad import check_hypergrad_config
-from tests.helpers import TINY_C4, TINY_CLS, tiny_config
+from tests.helpers import NARROW_CLS, TINY_C4, tiny_config
 
 import pytest
 from detectron2.config import CfgNode
@@ -48,7 +48,7 @@ def _run(cfg) -> list[dict]:
 @pytest.mark.parametrize(("curvature", "solver"), COMBINATIONS)
 def test_every_curvature_and_solver_runs_and_logs(in_demo_workdir, tmp_path, curvature, solver):
     cfg = tiny_config(
-        TINY_CLS,
+        NARROW_CLS,
         tmp_path,
         *["BISSL.HYPERGRAD.CURVATURE", curvature, "BISSL.HYPERGRAD.SOLVER", solver],
         *["BISSL.HYPERGRAD.MAX_ITER", "0" if solver in ("lanczos", "direct") else "3"],
@@ -143,7 +143,7 @@ def test_invalid_hypergrad_settings_are_refused(values, message):
 
 def test_pretext_head_joint_system_runs_in_the_trainer(in_demo_workdir, tmp_path):
     cfg = tiny_config(
-        TINY_CLS,
+        NARROW_CLS,
         tmp_path,
         *["BISSL.HYPERGRAD.INCLUDE_PRETEXT_HEAD", "True", "BISSL.HYPERGRAD.CURVATURE", "ggn"],
         *["BISSL.STAGES", "1", "BISSL.CHECKPOINT_PERIOD", "0"],
