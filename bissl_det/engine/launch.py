@@ -14,7 +14,6 @@ signal ended before it could handle it (while it was starting) counts as interru
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 
-from ..utils.distributed import collective_timeout
+from ..utils.distributed import collective_timeout, cores_each
 from .signals import (
     EXIT_INTERRUPTED,
     INTERRUPT_SIGNALS,
@@ -140,12 +139,9 @@ def start_resource_tracker() -> None:
 
 
 def threads_per_process(per_machine: int) -> int | None:
-    """CPU threads for each of a machine's ``per_machine`` processes: its cores shared out
-    (torch would give every process all of them: 8 ranks x all cores). None when
-    ``OMP_NUM_THREADS`` is set: the user decided."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return None
-    return max(1, len(os.sched_getaffinity(0)) // max(1, per_machine))
+    """CPU threads for each of a machine's ``per_machine`` processes (8 ranks must not each
+    use all the cores); None when ``OMP_NUM_THREADS`` is set."""
+    return cores_each(per_machine)
 
 
 def _worker(

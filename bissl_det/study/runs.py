@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.io import atomic_write_text
+from ..utils.distributed import cores_each
 from ..utils.provenance import sha256_file, utc_now
 
 logger = logging.getLogger(__name__)
@@ -113,10 +114,8 @@ def threads_per_run(jobs: int) -> dict[str, str]:
     the cores (torch gives every process all of them, and OpenMP threads beyond the cores spin:
     measured a third of the CPU time in the kernel, stages 2-3x slower with 2 jobs on 2 cores).
     ``OMP_NUM_THREADS`` set by the user stands."""
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, jobs)))
-    return env
+    threads = cores_each(jobs)
+    return dict(os.environ) if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
 def launch(

@@ -49,6 +49,15 @@ __all__ = [
 _BUCKET_BYTES = 64 * 1024 * 1024
 
 
+def cores_each(processes: int) -> int | None:
+    """CPU threads for each of ``processes`` processes side by side on this machine: its cores
+    shared out (torch gives every process all of them, and OpenMP threads beyond the cores spin).
+    None when ``OMP_NUM_THREADS`` is set: the user decided."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
+
+
 def is_distributed() -> bool:
     """Whether a default process group is initialised (False if torch.distributed is absent)."""
     return dist.is_available() and dist.is_initialized()
