@@ -7,6 +7,7 @@ edits of ``sys.path``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from bissl_det.data.demo import INFO_FILE, make_demo_data
 from bissl_det.utils.provenance import git_state, utc_now
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -52,6 +54,27 @@ def measure(
         synchronize(device)
         times.append(clock() - start)
     return {"median_s": statistics.median(times), "times_s": [round(t, 4) for t in times]}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators run inside it, views excluded: on a GPU each is about one
+    kernel launch (a ``_foreach_*`` op is one launch per chunk of tensors, counted once here).
+
+    Attributes:
+        ops: Operators counted.
+        by_name: The count per operator name (``aten.dot.default``, ...).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.by_name: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:  # views and detach launch nothing
+            self.ops += 1
+            self.by_name[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def ratio(a: dict, b: dict) -> float:

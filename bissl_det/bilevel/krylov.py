@@ -3,9 +3,10 @@ errors and the one CG loop (plain, per-tensor, preconditioned) the solvers share
 
 Every solver (:mod:`.solvers`, :mod:`.lanczos`) takes ``matvec`` (a linear operator ``A`` given as
 a function on tuples of tensors shaped like ``b``) and returns an approximate solution of
-``A x = b`` together with a :class:`SolveInfo`. The tuples are never flattened into one vector: at
-ResNet-50 scale that would copy every parameter on every iteration. Updates use in-place
-``torch._foreach_*`` ops on buffers allocated once per solve.
+``A x = b`` together with a :class:`SolveInfo`. The code here works on any tuple; the solvers
+hand it 1-tuples of one flat buffer (:mod:`.flat`), so an inner product or an update is one
+kernel, not one per tensor. Updates use in-place ``torch._foreach_*`` ops on buffers allocated
+once per solve.
 
 Inner products accumulate in at least float32 (float64 stays float64), so half-precision inputs do
 not overflow or lose the residual in rounding. A non-finite quantity raises
@@ -101,6 +102,8 @@ def _dots(a: TensorTuple, b: TensorTuple) -> torch.Tensor:
     if not a:
         return torch.zeros(0)
     acc = accumulation_dtype(a[0])
+    if len(a) == 1:  # one flat buffer (:mod:`.flat`): one kernel
+        return torch.dot(a[0].reshape(-1).to(acc), b[0].reshape(-1).to(acc)).reshape(1)
     return torch.stack(
         [torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)) for x, y in zip(a, b, strict=True)]
     )
@@ -117,7 +120,8 @@ def tuple_dot(a: TensorTuple, b: TensorTuple) -> torch.Tensor:
         A 0-d tensor in float32 (float64 if the inputs are float64) on the inputs' device.
     """
     check_pair(a, b)
-    return _dots(a, b).sum()
+    dots = _dots(a, b)
+    return dots[0] if len(a) == 1 else dots.sum()
 
 
 def tuple_norm(ts: TensorTuple) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .flat import flat_problem, is_flat
 from .krylov import (
     MatVec,
     SolveInfo,
@@ -58,11 +59,49 @@ class RitzInfo:
     invariant: bool
 
 
+class _Basis:
+    """Orthonormal Lanczos vectors: the rows of one ``(capacity, n)`` matrix for flat vectors
+    (projections are two matrix products), else a list of tuples (a dot and an axpy per tensor
+    and vector: the per-tensor path)."""
+
+    def __init__(self, like: TensorTuple, capacity: int) -> None:
+        self.flat = is_flat(like)
+        self.rows = like[0].new_empty(capacity, like[0].numel()) if self.flat else None
+        self.vectors: list[TensorTuple] = []
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def append(self, q: TensorTuple) -> None:
+        if self.rows is not None:
+            row = self.rows[len(self.vectors)]
+            row.copy_(q[0])
+            q = (row,)
+        self.vectors.append(tuple(q))
+
+    def coefficients(self, r: TensorTuple) -> torch.Tensor:
+        """``V^T r`` (1-D, accumulation dtype, on the vectors' device)."""
+        if self.rows is None:
+            return torch.stack([tuple_dot(v, r) for v in self.vectors])
+        acc = accumulation_dtype(r[0])
+        return self.rows[: len(self)].to(acc) @ r[0].to(acc)
+
+    def add_(self, out: list[torch.Tensor], c: torch.Tensor) -> None:
+        """``out += V c`` in place."""
+        if self.rows is None:
+            for v, ci in zip(self.vectors, c.tolist(), strict=True):
+                torch._foreach_add_(out, list(v), alpha=ci)
+            return
+        rows = self.rows[: len(self)]
+        acc = accumulation_dtype(rows)
+        out[0].add_((c.to(rows.device, acc) @ rows.to(acc)).to(rows.dtype))
+
+
 def _lanczos(
     matvec: MatVec,
     v0: TensorTuple,
     steps: int,
-    basis: list[list[torch.Tensor]] | None,
+    basis: _Basis | None,
     name: str,
     stop: Callable[[list[float], list[float]], bool] | None = None,
 ) -> tuple[list[float], list[float], bool]:
@@ -70,7 +109,7 @@ def _lanczos(
 
     Returns the diagonal ``alphas`` and the couplings ``betas`` of the tridiagonal ``T`` (the last
     beta couples to the next, unstored vector) and whether the Krylov space became invariant. With
-    a ``basis`` list, each orthonormal vector is appended to it and every new vector is
+    a ``basis``, each orthonormal vector is appended to it and every new vector is
     re-orthogonalised against all of them (classical Gram-Schmidt twice, which is enough); without
     one only three vectors are alive (plain recurrence: the extreme Ritz values still converge).
     """
@@ -91,16 +130,14 @@ def _lanczos(
         scale = 0.0
         for step in range(1, steps + 1):
             if basis is not None:
-                basis.append(q)
+                basis.append(tuple(q))
             aq = apply_matvec(matvec, tuple(q), v0, name)
             alpha = finite_or_raise(tuple_dot(tuple(q), tuple(aq)).item(), "alpha", name, step)
             w = torch._foreach_add(aq, q, alpha=-alpha)
             if q_prev is not None:
                 torch._foreach_add_(w, q_prev, alpha=-betas[-1])
             for _ in range(2 if basis is not None else 0):
-                coeffs = torch.stack([tuple_dot(tuple(v), tuple(w)) for v in basis]).tolist()
-                for v, c in zip(basis, coeffs, strict=True):
-                    torch._foreach_add_(w, v, alpha=-c)
+                basis.add_(w, -basis.coefficients(tuple(w)))
             beta = finite_or_raise(tuple_norm(tuple(w)).item(), "beta", name, step)
             scale = max(scale, abs(alpha) + beta + (betas[-1] if betas else 0.0))
             alphas.append(alpha)
@@ -165,6 +202,7 @@ def lanczos_extremes(
         ValueError: For ``steps < 1`` or a zero ``v0``.
         NonFiniteError: If a product or coefficient is NaN/inf.
     """
+    matvec, v0, _ = flat_problem(matvec, tuple(t.detach() for t in v0), "lanczos_extremes")
     alphas, betas, invariant = _lanczos(matvec, v0, steps, None, "lanczos_extremes")
     _, theta, s = _ritz(alphas, betas)
     bounds = (betas[-1] * s[-1].abs()).tolist()  # ||A u_i - theta_i u_i|| = beta_m |s_{m,i}|
@@ -179,8 +217,10 @@ class LanczosBasis:
 
     ``build`` runs ``size`` Lanczos steps with full re-orthogonalisation and keeps the basis ``V``
     and the tridiagonal ``T = V^T A V`` with its Ritz pairs ``(theta_i, s_i)``; the Ritz vectors of
-    ``A`` are ``U = V S``. Memory: ``size`` copies of the parameter tuple (plus two work tuples
-    while building), held until :meth:`release`.
+    ``A`` are ``U = V S``. ``V`` is one ``(size, n)`` matrix (:mod:`.flat`), so projecting onto the
+    basis is a matrix product. Memory: ``size`` copies of the parameter vector, allocated at once
+    (an adaptive build that stops early keeps the whole allocation), plus two work vectors while
+    building, held until :meth:`release`.
 
     Attributes:
         products: Matrix-vector products the build used.
@@ -189,18 +229,24 @@ class LanczosBasis:
     def __init__(
         self,
         matvec: MatVec,
-        vectors: list[list[torch.Tensor]],
+        basis: _Basis,
         alphas: list[float],
         betas: list[float],
+        v0: TensorTuple,
+        flat: bool,
     ) -> None:
-        self._matvec: MatVec | None = matvec
-        self._vectors = vectors
+        self._matvec: MatVec | None = matvec  # on the caller's tuples
+        self._basis: _Basis | None = basis
+        self._like = tuple(torch.empty(t.shape, device="meta") for t in v0)  # shapes only
+        self._flat = flat
         self._t, self._theta, self._s = _ritz(alphas, betas)
         self._beta_next = betas[-1]  # A V = V T + beta_next q_next e_m^T
         self.products = len(alphas)
 
     @classmethod
-    def build(cls, matvec: MatVec, v0: TensorTuple, size: int, tol: float = 0.0) -> LanczosBasis:
+    def build(
+        cls, matvec: MatVec, v0: TensorTuple, size: int, tol: float = 0.0, flat: bool = True
+    ) -> LanczosBasis:
         """Run ``size`` Lanczos steps from ``v0`` (fewer if its Krylov space is invariant sooner).
 
         Args:
@@ -209,13 +255,22 @@ class LanczosBasis:
             size: Basis size (= products); 5..20 is typical. With ``tol`` the cap.
             tol: > 0: grow the basis only until the free residual estimate of ``A x = v0``
                 (:func:`start_vector_residual`) is ``<= tol``, at most ``size`` vectors.
+            flat: Keep the basis as one matrix (:mod:`.flat`); False: a list of tuples (the
+                per-tensor path, same results up to rounding).
         """
+        name = "LanczosBasis.build"
         if tol < 0:
-            raise ValueError(f"LanczosBasis.build: tol must be >= 0, got {tol}")
+            raise ValueError(f"{name}: tol must be >= 0, got {tol}")
+        if size < 1:
+            raise ValueError(f"{name}: the number of Lanczos steps must be >= 1, got {size}")
+        v0 = tuple(t.detach() for t in v0)
+        if len(v0) == 0:
+            raise ValueError(f"{name}: v0 is an empty tuple")
         stop = (lambda a, b: start_vector_residual(a, b) <= tol) if tol > 0 else None
-        vectors: list[list[torch.Tensor]] = []
-        alphas, betas, _ = _lanczos(matvec, v0, size, vectors, "LanczosBasis.build", stop)
-        return cls(matvec, vectors, alphas, betas)
+        flat_matvec, flat_v0, unpack = flat_problem(matvec, v0, name, flat)
+        basis = _Basis(flat_v0, size)
+        alphas, betas, _ = _lanczos(flat_matvec, flat_v0, size, basis, name, stop)
+        return cls(matvec, basis, alphas, betas, v0, flat)
 
     @property
     def size(self) -> int:
@@ -229,7 +284,7 @@ class LanczosBasis:
 
     def release(self) -> None:
         """Free the basis vectors and the operator (the end of a stage); solves then raise."""
-        self._vectors = []
+        self._basis = None
         self._matvec = None
 
     def solve(
@@ -277,13 +332,17 @@ class LanczosBasis:
         """
         name = "LanczosBasis.solve"
         check_mode(on_negative_curvature, name)
-        if self._matvec is None:
+        if self._matvec is None or self._basis is None:
             raise RuntimeError(f"{name}: the basis was released")
         b = prepare_rhs(b, max_iter, tol, name)
         try:
-            check_pair(b, tuple(self._vectors[0]))
+            check_pair(b, self._like)
         except ValueError as e:
             raise ValueError(f"{name}: b does not match the basis vectors: {e}") from None
+        matvec, b, unpack = flat_problem(self._matvec, b, name, self._flat)
+        basis = self._basis
+        if basis.rows is not None and b[0].dtype != basis.rows.dtype:
+            raise ValueError(f"{name}: b is {b[0].dtype}, the basis vectors are {basis.rows.dtype}")
         finite_or_raise(tuple_dot(b, b).item(), "||b||^2", name, 0)
         bent = self._theta <= 0
         negative = int(bent.sum())
@@ -299,13 +358,11 @@ class LanczosBasis:
             g = self._s @ torch.diag(gains) @ self._s.T  # P = I + V g V^T
 
             def coefficients(r: TensorTuple) -> torch.Tensor:
-                dots = torch.stack([tuple_dot(tuple(v), r) for v in self._vectors])
-                return dots.to("cpu", torch.float64)
+                return basis.coefficients(r).to("cpu", torch.float64)
 
             def add_basis(r: TensorTuple, y: torch.Tensor) -> TensorTuple:
                 out = [t.clone() for t in r]
-                for v, yi in zip(self._vectors, y.tolist(), strict=True):
-                    torch._foreach_add_(out, v, alpha=yi)
+                basis.add_(out, y)
                 return tuple(out)
 
             def inverse(r: TensorTuple) -> TensorTuple:
@@ -316,7 +373,7 @@ class LanczosBasis:
         truncated = negative > 0 and on_negative_curvature == "truncate"
         if max_iter > 0:
             x, info = krylov_cg(
-                self._matvec,
+                matvec,
                 b,
                 max_iter,
                 tol,
@@ -326,7 +383,7 @@ class LanczosBasis:
                 preconditioner=inverse,
                 x0=x,
             )
-            return x, dataclasses.replace(
+            return unpack(x), dataclasses.replace(
                 info,
                 negative_curvature=info.negative_curvature + negative,
                 truncated=info.truncated or truncated,
@@ -334,8 +391,8 @@ class LanczosBasis:
         w = c + g @ c  # V^T x (x - V w is the part of b outside span(V))
         in_basis = c - self._t @ w
         estimate = math.hypot(in_basis.norm().item(), self._beta_next * w[-1].item())
-        return x, finish_info(
-            self._matvec,
+        return unpack(x), finish_info(
+            matvec,
             x,
             b,
             estimate,

@@ -1,8 +1,9 @@
 """Linear solvers over tuples of tensors: CG, layer-wise CG, Neumann series, the exact solve.
 
 Every solver is ``solve(matvec, b, max_iter=..., tol=..., ...) -> (x, SolveInfo)``, ``matvec`` being
-``v -> A v`` on tuples shaped like ``b``; the shared pieces (inner products, :class:`SolveInfo`,
-errors, the CG loop) live in :mod:`.krylov`, the stage-level Lanczos solver in :mod:`.lanczos`,
+``v -> A v`` on tuples shaped like ``b``; the iterative ones work on one flat buffer inside
+(:mod:`.flat`); the shared pieces (inner products, :class:`SolveInfo`, errors, the CG loop) live
+in :mod:`.krylov`, the stage-level Lanczos solver in :mod:`.lanczos`,
 and the table of all of them by name in :mod:`.registry`.
 No solver fails silently: a NaN/inf raises :class:`NonFiniteError`, and an operator that is not
 positive definite is counted in ``SolveInfo.negative_curvature`` and truncated, continued through
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from .flat import flat_problem
 from .krylov import (
     IndefiniteSystemError,
     MatVec,
@@ -47,6 +49,7 @@ def conjugate_gradient(
     tol: float = 0.0,
     on_negative_curvature: str = "truncate",
     check_residual: bool = False,
+    flat: bool = True,
 ) -> tuple[TensorTuple, SolveInfo]:
     """Conjugate gradient on the coupled system ``A x = b`` (``A`` symmetric).
 
@@ -68,6 +71,8 @@ def conjugate_gradient(
         tol: Stop once ``||b - A x|| <= tol * ||b||``; 0 runs all ``max_iter`` iterations.
         on_negative_curvature: ``"truncate"``, ``"continue"`` or ``"raise"``.
         check_residual: Recompute ``||b - A x||`` at the end with one more product.
+        flat: Work on one flat buffer (:mod:`.flat`); False: per tensor (same result up to
+            rounding, many more kernels).
 
     Returns:
         The solution tuple (same shapes and dtypes as ``b``) and a :class:`SolveInfo`. Its residual
@@ -80,9 +85,10 @@ def conjugate_gradient(
         IndefiniteSystemError: With ``on_negative_curvature="raise"``, at the first
             ``p^T A p <= 0``.
     """
-    return krylov_cg(
-        matvec, b, max_iter, tol, on_negative_curvature, check_residual, "conjugate_gradient"
-    )
+    name = "conjugate_gradient"
+    matvec, b, unpack = flat_problem(matvec, prepare_rhs(b, max_iter, tol, name), name, flat)
+    x, info = krylov_cg(matvec, b, max_iter, tol, on_negative_curvature, check_residual, name)
+    return unpack(x), info
 
 
 def layerwise_conjugate_gradient(
@@ -99,7 +105,9 @@ def layerwise_conjugate_gradient(
     Each tensor ``i`` gets ``alpha_i = <r_i, r_i> / <p_i, (A p)_i>`` and
     ``beta_i = <r_i', r_i'> / <r_i, r_i>``. This is exact CG per block when ``A`` is block diagonal
     with one block per tensor, but NOT exact CG on a coupled system (residuals lose orthogonality).
-    Kept for parity with the reference; prefer :func:`conjugate_gradient`. Every tensor whose
+    Kept for parity with the reference; prefer :func:`conjugate_gradient`. Its per-tensor step
+    sizes need per-tensor inner products, so it works on the tuple (not one flat buffer: one
+    dot per tensor either way). Every tensor whose
     denominator ``<p_i, (A p)_i>`` is ``<= 0`` (with ``p_i != 0``) counts as one negative-curvature
     direction, handled as in :func:`conjugate_gradient` (``"truncate"`` drops the whole step). On a
     coupled system such a denominator also occurs for SPD ``A`` (``(A p)_i`` contains the coupling
@@ -145,6 +153,7 @@ def neumann_series(
     alpha: float | None = None,
     power_iters: int = 10,
     check_residual: bool = False,
+    flat: bool = True,
 ) -> tuple[TensorTuple, SolveInfo]:
     """Truncated Neumann series ``x = alpha * sum_{k=0..max_iter} (I - alpha A)^k b``.
 
@@ -180,6 +189,7 @@ def neumann_series(
         power_iters: Lanczos steps of the eigenvalue estimate (0: no estimate and no check; only
             with a given ``alpha``).
         check_residual: Recompute ``||b - A x||`` directly at the end (one more product).
+        flat: Work on one flat buffer (:mod:`.flat`); False: per tensor.
 
     Returns:
         The solution tuple and a :class:`SolveInfo` (``iterations`` = terms after the first;
@@ -191,7 +201,7 @@ def neumann_series(
         NonFiniteError: If ``b`` or a series term becomes NaN/inf.
     """
     name = "neumann_series"
-    b = prepare_rhs(b, max_iter, tol, name)
+    matvec, b, unpack = flat_problem(matvec, prepare_rhs(b, max_iter, tol, name), name, flat)
     if alpha is not None and not alpha > 0:
         raise ValueError(f"{name}: alpha must be > 0, got {alpha}")
     if power_iters < 0 or (alpha is None and power_iters == 0):
@@ -244,7 +254,7 @@ def neumann_series(
     with torch.no_grad():
         torch._foreach_mul_(total, alpha)
     x = tuple(total)
-    return x, finish_info(
+    return unpack(x), finish_info(
         matvec,
         x,
         b,
