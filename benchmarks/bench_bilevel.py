@@ -88,7 +88,7 @@ AMORTISE_OVER = 8  # the authors' N_U: upper steps sharing one first-order graph
 def build_cfg(kind: str, args: argparse.Namespace, output_dir: str):
     """The quick config of ``kind`` with the benchmark's sizes (frozen, datasets registered)."""
     from bissl_det.data.detection import register_from_config
-    from bissl_det.engine.setup import load_config
+    from bissl_det.runtime.setup import load_config
 
     opts = [
         "OUTPUT_DIR", output_dir,

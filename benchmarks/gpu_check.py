@@ -132,7 +132,7 @@ def step_commands(python: str) -> dict[str, list[str]]:
 
 def run_stage(device: str, out: Path, tiny: bool, data_root: str = "") -> dict:
     """Build the R50-C4 BiSSL trainer at full (or tiny) size and time two stages."""
-    from bissl_det.config import add_bissl_config
+    from bissl_det.config.defaults import add_bissl_config
     from bissl_det.data.build import build_downstream_train_loader, build_pretext_loader
     from bissl_det.engine.memory_plan import plan_stage_memory
     from bissl_det.engine.trainer import BilevelTrainer

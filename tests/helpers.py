@@ -28,7 +28,7 @@ def tiny_config(config_file: Path, output_dir: Path, *opts: str):
     """A frozen config as the tools' set-up makes it (datasets registered, OUTPUT_DIR checked
     and created), without their logging."""
     from bissl_det.data.detection import register_from_config
-    from bissl_det.engine.setup import check_output_dir, load_config
+    from bissl_det.runtime.setup import check_output_dir, load_config
 
     cfg = load_config(str(config_file), ["OUTPUT_DIR", str(output_dir), *opts])
     register_from_config(cfg)

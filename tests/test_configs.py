@@ -3,9 +3,9 @@ CPU); leaves are short and say only what differs from their base; the defaults a
 
 from pathlib import Path
 
-from bissl_det.config import add_bissl_config
-from bissl_det.engine.setup import load_config
-from bissl_det.utils.config_values import flatten
+from bissl_det.config.defaults import add_bissl_config
+from bissl_det.config.values import flatten
+from bissl_det.runtime.setup import load_config
 
 import pytest
 import yaml

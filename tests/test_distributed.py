@@ -184,7 +184,7 @@ def test_a_hung_peer_fails_the_collective_after_the_timeout(tmp_path, monkeypatc
     3 s, and the launcher ends the hung rank within its grace period."""
     import time
 
-    from bissl_det.engine.launch import GRACE_SECONDS, launch
+    from bissl_det.runtime.launch import GRACE_SECONDS, launch
 
     monkeypatch.setenv(du.TIMEOUT_ENV, "3")
     with pytest.raises(Exception, match="(?i)timed? ?out"):
@@ -205,7 +205,7 @@ def test_collective_timeout_from_the_environment(monkeypatch) -> None:
 
 
 def test_launched_processes_share_the_cores(monkeypatch) -> None:
-    from bissl_det.engine.launch import threads_per_process
+    from bissl_det.runtime.launch import threads_per_process
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))

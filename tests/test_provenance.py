@@ -9,7 +9,7 @@ import socket
 import subprocess
 from datetime import datetime
 
-from bissl_det.engine.records import provenance, write_results
+from bissl_det.runtime.records import provenance, write_results
 from bissl_det.utils.provenance import git_state, utc_now
 from tests.helpers import REPO, TINY_C4, tiny_config
 

@@ -14,10 +14,10 @@ OUTPUT_DIR/seed_<seed>/ (metrics.json, TensorBoard events, plots). Single proces
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine.cls_eval import run_cls_eval
-from bissl_det.engine.launch import launch_from_args
-from bissl_det.engine.records import write_results
-from bissl_det.engine.run_identity import add_overwrite_flag
-from bissl_det.engine.setup import setup
+from bissl_det.runtime.launch import launch_from_args
+from bissl_det.runtime.records import write_results
+from bissl_det.runtime.run_identity import add_overwrite_flag
+from bissl_det.runtime.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now
 
@@ -47,7 +47,7 @@ UNITS = {"top1": "percent", "mean_per_class_acc": "percent", "mAP": "percent"}
 
 def main(args):
     start = utc_now()
-    cfg = setup(args)
+    cfg = setup(args, tool="eval_cls")
     results = run_cls_eval(
         cfg, seeds=args.seeds, linear_probe=args.linear_probe, logistic_probe=args.logistic_probe
     )

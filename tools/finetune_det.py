@@ -18,10 +18,10 @@ from pathlib import Path
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine.checkpointer import AtomicCheckpointer
 from bissl_det.engine.finetune import FinetuneTrainer, check_initial_weights, summarise
-from bissl_det.engine.launch import launch_from_args
-from bissl_det.engine.records import write_results
-from bissl_det.engine.run_identity import add_overwrite_flag
-from bissl_det.engine.setup import setup
+from bissl_det.runtime.launch import launch_from_args
+from bissl_det.runtime.records import write_results
+from bissl_det.runtime.run_identity import add_overwrite_flag
+from bissl_det.runtime.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now
 
@@ -33,7 +33,7 @@ logger = logging.getLogger("bissl_det.finetune_det")
 
 def main(args):
     start = utc_now()
-    cfg = setup(args)
+    cfg = setup(args, tool="finetune_det")
     if args.eval_only:
         model = FinetuneTrainer.build_model(cfg)
         # Our checkpointer: its reader never unpickles code (Detectron2's .pkl reader would).

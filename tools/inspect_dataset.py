@@ -36,7 +36,7 @@ from bissl_det.data.inspect import (
     suggest_settings,
 )
 from bissl_det.data.inspect_cost import measure_head_cost
-from bissl_det.engine.setup import load_config
+from bissl_det.runtime.setup import load_config
 from bissl_det.utils.cli import describe
 from bissl_det.utils.plots import plot_histograms
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine.memory_plan import SAFETY, check_stage_memory, plan_stage_memory
-from bissl_det.engine.setup import load_config
+from bissl_det.runtime.setup import load_config
 
 import torch
 from detectron2.modeling import build_model

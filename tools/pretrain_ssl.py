@@ -10,11 +10,11 @@ tools/finetune_det.py and tools/eval_cls.py. --resume continues from the last ch
 """
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
-from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.pretrain import PretrainTrainer
-from bissl_det.engine.records import write_results
-from bissl_det.engine.run_identity import add_overwrite_flag
-from bissl_det.engine.setup import setup
+from bissl_det.runtime.launch import launch_from_args
+from bissl_det.runtime.records import write_results
+from bissl_det.runtime.run_identity import add_overwrite_flag
+from bissl_det.runtime.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now
 
@@ -31,7 +31,7 @@ UNITS = {
 
 def main(args):
     start = utc_now()
-    cfg = setup(args)
+    cfg = setup(args, tool="pretrain_ssl")
     trainer = PretrainTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     if args.eval_only:

@@ -13,7 +13,7 @@ Writes output/demo/report.json and output/demo/plots/*.png, prints the side-by-s
 Every step is a real tool run; KEY VALUE arguments after ``--`` go to every step.
 
 SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 are forwarded to the running tool, which checkpoints and
-exits (engine/signals.py, the same forwarding as the launcher's); the demo then exits non-zero (the
+exits (runtime/signals.py, the same forwarding as the launcher's); the demo then exits non-zero (the
 tool's code, 75 when it checkpointed), and ``--resume`` continues every step from its checkpoint.
 """
 
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bissl_det.engine.signals import SignalForwarder
+from bissl_det.runtime.signals import SignalForwarder
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick"

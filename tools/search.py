@@ -22,9 +22,9 @@ from pathlib import Path
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.data.tasks import standalone_task
-from bissl_det.engine.run_identity import add_overwrite_flag
-from bissl_det.engine.setup import load_config, setup
-from bissl_det.engine.signals import EXIT_INTERRUPTED, TrainingInterrupted
+from bissl_det.runtime.run_identity import add_overwrite_flag
+from bissl_det.runtime.setup import load_config, setup
+from bissl_det.runtime.signals import EXIT_INTERRUPTED, TrainingInterrupted
 from bissl_det.search import SearchOptions, run_search
 from bissl_det.search.study import SAMPLERS
 from bissl_det.utils.cli import describe

@@ -10,7 +10,7 @@ argument this script does not know goes to the tool. One task per node starts th
 --num-gpus G --num-machines N --machine-rank <node> --dist-url tcp://<node 0>:<port>, and the
 tool's launcher starts the node's G processes. Before the time limit or on preemption,
 submitit's SIGUSR2 makes the tool stop at a step boundary with a checkpoint (SIGUSR1), and the
-job is requeued with --resume (bissl_det/utils/cluster.py documents the order of signals).
+job is requeued with --resume (bissl_det/runtime/cluster.py documents the order of signals).
 Where Slurm is not installed the job runs locally (same path; --cluster local|debug forces it).
 Prints the job id and where its logs are (--job-dir, default output/jobs).
 
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 
-from bissl_det.utils.cli import describe
-from bissl_det.utils.cluster import (
+from bissl_det.runtime.cluster import (
     ToolJob,
     build_executor,
     default_resources,
     loader_workers,
 )
+from bissl_det.utils.cli import describe
 
 # Seconds between submitit's signal and the kill: the tool's last step and checkpoint fit in.
 SIGNAL_DELAY_S = 180
@@ -114,8 +114,8 @@ def check_tool_config(tool: str, tool_args: list[str], world_size: int, args):
 
     Exits non-zero (nothing is submitted) with the check's error, which names the key.
     """
-    from bissl_det.engine.hypergrad import check_hypergrad_config
-    from bissl_det.engine.setup import checked_config, load_config
+    from bissl_det.config.hypergrad import check_hypergrad_config
+    from bissl_det.runtime.setup import checked_config, load_config
 
     from detectron2.engine import default_argument_parser
 

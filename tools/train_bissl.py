@@ -13,11 +13,11 @@ from pathlib import Path
 
 import bissl_det  # noqa: F401  (compatibility shims + registrations, before detectron2 is used)
 from bissl_det.engine import BilevelTrainer
-from bissl_det.engine.launch import launch_from_args
 from bissl_det.engine.memory_plan import check_stage_memory, plan_stage_memory
-from bissl_det.engine.records import write_results
-from bissl_det.engine.run_identity import add_overwrite_flag
-from bissl_det.engine.setup import setup
+from bissl_det.runtime.launch import launch_from_args
+from bissl_det.runtime.records import write_results
+from bissl_det.runtime.run_identity import add_overwrite_flag
+from bissl_det.runtime.setup import setup
 from bissl_det.utils.cli import describe
 from bissl_det.utils.provenance import utc_now
 
@@ -69,7 +69,7 @@ def check_memory(cfg, trainer) -> None:
 
 def main(args):
     start = utc_now()
-    cfg = setup(args)
+    cfg = setup(args, tool="train_bissl")
     asked = args.eval_only or getattr(args, "evaluate", False)
     plan = evaluation_plan(cfg, asked)
     # BiSSL's result is the lower backbone, scored by fine-tuning: the upper detector's test

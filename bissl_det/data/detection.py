@@ -6,7 +6,7 @@ evaluators handle them exactly as its builtin sets. :func:`register_from_config`
 tool's ``setup()``, then validates every data set the config uses (DATASETS.TRAIN, DATASETS.TEST,
 BISSL.PRETEXT_DATA.DATASETS; builtin or custom) before any long work: :func:`validate_dataset`.
 
-Config (keys defined by :func:`bissl_det.config.add_dataset_config`)::
+Config (keys defined by :func:`bissl_det.config.defaults.add_dataset_config`)::
 
     DATASETS:
       CUSTOM:
@@ -26,7 +26,7 @@ from functools import partial
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..config import CHECK_IMAGES_MODES, CUSTOM_DATASET_KEYS
+from ..config.defaults import CHECK_IMAGES_MODES, CUSTOM_DATASET_KEYS
 from ..utils.rank_zero import on_rank_zero
 from .catalog import dataset_dicts
 from .class_names import check_split_classes
@@ -99,7 +99,7 @@ def datasets_in_use(cfg, pretext: bool = True) -> dict[str, bool]:
 
 def keys_naming(cfg, name: str, origins=None) -> str:
     """Which config keys name data set ``name``, their values, and (with ``origins``, a
-    :class:`~bissl_det.config_checks.ConfigOrigins`) the file that set each."""
+    :class:`~bissl_det.config.checks.ConfigOrigins`) the file that set each."""
     found = []
     for key in DATASET_KEYS:
         node = cfg
@@ -153,7 +153,7 @@ def register_from_config(cfg, origins=None, pretext: bool = True) -> list[str]:
     Raises:
         DatasetValidationError: A malformed entry (message names ``DATASETS.CUSTOM[i]`` and the
             key) or bad data (the message names the files); a data set's error starts with the
-            keys that name it and, with ``origins`` (config_checks.ConfigOrigins), their files.
+            keys that name it and, with ``origins`` (config.checks.ConfigOrigins), their files.
     """
     entries = cfg.DATASETS.get("CUSTOM", [])
     if not isinstance(entries, list | tuple):

@@ -1,6 +1,5 @@
-"""How training runs: the bilevel trainer, its hooks and checkpoints, multi-process launch."""
+"""Training: the bilevel trainer, warm-up, pretraining, fine-tuning, their hooks and checkpoints."""
 
-from .launch import launch
 from .trainer import BilevelTrainer
 
-__all__ = ["BilevelTrainer", "launch"]
+__all__ = ["BilevelTrainer"]

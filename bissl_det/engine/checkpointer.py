@@ -24,7 +24,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
 from ..checkpoint import CheckpointFileError, atomic_save, atomic_write_text, load_checkpoint_file
-from .run_identity import check_resume_checkpoint, read_run_file
+from ..runtime.run_identity import check_resume_checkpoint, read_run_file
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..bilevel import ImplicitGradInfo, SolveInfo, TensorTuple, get_curvature
-from ..config import COUPLINGS
+from ..config.defaults import COUPLINGS
 
 __all__ = ["COUPLINGS", "FixedStageSystem", "proximity_weight"]
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["GRAPH_DTYPES", "check_curvature_batch", "curvature_images", "graph_precision"]
+from ..config.defaults import GRAPH_DTYPES
 
-GRAPH_DTYPES = ("float32", "bfloat16")
+__all__ = ["check_curvature_batch", "curvature_images", "graph_precision"]
 
 
 def check_curvature_batch(cfg, world_size: int = 1) -> int:

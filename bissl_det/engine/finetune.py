@@ -16,13 +16,13 @@ from ..checkpoint.verify import verify_backbone_loaded
 from ..data.class_names import check_weights_classes, run_classes
 from ..evaluation.evaluate import build_detection_evaluator, detection_metrics
 from ..modeling.sync_bn import use_float32_sync_bn_statistics
+from ..runtime.signals import with_graceful_interrupt
 from ..utils.distributed import broadcast_module_, broadcast_tensors_
 from ..utils.plots import FINETUNE_PLOTS
 from ..utils.preemption import ignore_in_workers
 from .checkpointer import AtomicCheckpointer
 from .faults import FaultChecks
 from .hooks import CheckReplicas, PlotMetrics
-from .signals import with_graceful_interrupt
 
 logger = logging.getLogger(__name__)
 

@@ -16,68 +16,22 @@ from detectron2.engine import HookBase
 from torch import nn
 
 from ..bilevel import (
-    CURVATURES,
-    NEGATIVE_CURVATURE_MODES,
-    SOLVERS,
     Curvature,
     ImplicitGradInfo,
     StageSystem,
     get_curvature,
-    get_solver,
 )
+from ..config.hypergrad import check_hypergrad_config
 from ..utils.distributed import all_reduce_mean, world_size
-from .curvature_batch import GRAPH_DTYPES, check_curvature_batch, curvature_images, graph_precision
+from .curvature_batch import check_curvature_batch, curvature_images, graph_precision
 
 __all__ = [
     "Hypergradient",
     "LogHypergradient",
-    "check_hypergrad_config",
     "solve_metrics",
     "stage_metrics",
 ]
 logger = logging.getLogger(__name__)
-
-
-def check_hypergrad_config(hg) -> None:
-    """Refuse an invalid BISSL.HYPERGRAD combination before any work, naming the key."""
-
-    def one_of(key: str, value, valid) -> None:
-        if value not in valid:
-            raise ValueError(f"BISSL.HYPERGRAD.{key} = {value!r}: valid values are {list(valid)}")
-
-    one_of("CURVATURE", hg.CURVATURE, CURVATURES)
-    one_of("SOLVER", hg.SOLVER, SOLVERS)
-    one_of("ON_NEGATIVE_CURVATURE", hg.ON_NEGATIVE_CURVATURE, NEGATIVE_CURVATURE_MODES)
-    one_of("FISHER_DEVICE", hg.FISHER_DEVICE, ("cpu", "model"))
-    one_of("GRAPH_DTYPE", hg.GRAPH_DTYPE, GRAPH_DTYPES)
-    for key in ("MAX_ITER", "EIGEN_STEPS"):
-        if hg[key] < 0:
-            raise ValueError(f"BISSL.HYPERGRAD.{key} = {hg[key]}: must be >= 0")
-    for key in ("BASIS_SIZE", "FISHER_HISTORY"):
-        if hg[key] < 1:
-            raise ValueError(f"BISSL.HYPERGRAD.{key} = {hg[key]}: must be >= 1")
-    solver, curvature = get_solver(hg.SOLVER), get_curvature(hg.CURVATURE)
-    if solver.exact and not curvature.exact_solve:
-        exact = " or ".join(repr(c.name) for c in CURVATURES.values() if c.exact_solve)
-        iterative = [s.name for s in SOLVERS.values() if not s.exact]
-        raise ValueError(
-            f"BISSL.HYPERGRAD.SOLVER = {hg.SOLVER!r} needs CURVATURE {exact} (an exact inverse); "
-            f"CURVATURE = {hg.CURVATURE!r} has none: use one of {iterative}"
-        )
-    if hg.INCLUDE_PRETEXT_HEAD and (curvature.from_batch is None or solver.exact):
-        raise ValueError(
-            "BISSL.HYPERGRAD.INCLUDE_PRETEXT_HEAD needs a curvature built over backbone and head "
-            f"(one of {[c.name for c in CURVATURES.values() if c.from_batch is not None]}) and "
-            f"an iterative solver; CURVATURE = {hg.CURVATURE!r}, SOLVER = {hg.SOLVER!r}"
-        )
-    if solver.iterative and hg.MAX_ITER < 1:
-        raise ValueError(f"BISSL.HYPERGRAD.MAX_ITER = 0: solver {hg.SOLVER!r} needs >= 1")
-    if hg.ADAPTIVE_BASIS and (not solver.stage_basis or hg.TOL <= 0):
-        raise ValueError(
-            "BISSL.HYPERGRAD.ADAPTIVE_BASIS grows a Lanczos stage basis until its residual "
-            f"estimate meets TOL: it needs SOLVER 'lanczos' and TOL > 0; SOLVER = {hg.SOLVER!r}, "
-            f"TOL = {hg.TOL}"
-        )
 
 
 def solve_metrics(info: ImplicitGradInfo) -> dict[str, float]:

@@ -28,6 +28,7 @@ from ..data.build import build_pretext_loader, pretext_batch_to_device
 from ..modeling.backbone import PooledEncoder, build_resnet_trunk
 from ..modeling.pretext import MomentumTarget, cosine_ema_momentum, reset_target
 from ..modeling.pretext_tasks import build_pretext_model
+from ..runtime.signals import with_graceful_interrupt
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import (
     all_reduce_grads_,
@@ -40,7 +41,6 @@ from .checkpointer import AtomicCheckpointer, TrainingProgress
 from .faults import FaultChecks
 from .hooks import CheckReplicas, ExportBackbone, PlotMetrics, build_writers
 from .resume import resume_from_last
-from .signals import with_graceful_interrupt
 
 logger = logging.getLogger(__name__)
 

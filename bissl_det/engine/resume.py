@@ -14,7 +14,7 @@ import logging
 
 from detectron2.config import CfgNode
 
-from ..config import config_value
+from ..config.defaults import config_value
 from ..data.tasks import BISSL_META_ARCHITECTURE, downstream_task
 
 logger = logging.getLogger(__name__)

@@ -41,6 +41,7 @@ from ..data.class_names import run_classes
 from ..data.tasks import evaluate_downstream
 from ..modeling.memory import checkpoint_resnet_blocks
 from ..modeling.pretext import MomentumTarget, reset_target
+from ..runtime.signals import with_graceful_interrupt
 from ..solver.build import build_lars, build_scheduler
 from ..utils.distributed import (
     all_reduce_grads_,
@@ -64,7 +65,6 @@ from .hooks import (
 )
 from .hypergrad import Hypergradient, LogHypergradient, solve_metrics, stage_metrics
 from .resume import resume_from_last
-from .signals import with_graceful_interrupt
 from .verdict import HypergradientVerdict
 from .warmup import train_head, warmup_iterations
 

@@ -5,7 +5,7 @@ together) every results file must therefore agree on
 
 * the tool that wrote it, and its config: every value but SEED, paths of the run and
   settings that do not change results (:data:`IGNORED_CONFIG`); recorded by
-  :func:`~bissl_det.engine.records.provenance` as ``config_values``;
+  :func:`~bissl_det.runtime.records.provenance` as ``config_values``;
 * the data: training and test sets, their sizes (``provenance.data``);
 * the initial weights (sha256 of MODEL.WEIGHTS);
 * the metrics it reports.
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..utils.config_values import values_except
+from ..config.values import values_except
 from ..utils.results import read_runs, runs_of
 
 __all__ = [

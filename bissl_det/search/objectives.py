@@ -19,7 +19,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.utils.env import seed_all_rng
 
-from ..config import config_value
+from ..config.defaults import config_value
 from ..data.tasks import registered_downstream_tasks, standalone_task
 from ..engine.cls_data import held_out_indices, load_search_data
 from ..engine.cls_trainer import read_classifier_backbone, train_classifier

@@ -9,7 +9,7 @@ from detectron2.config import CfgNode
 from optuna.trial import TrialState
 
 from ..checkpoint.io import atomic_write_text
-from ..engine.records import write_results
+from ..runtime.records import write_results
 from .objectives import SearchTask, with_params
 from .study import COUNTED
 

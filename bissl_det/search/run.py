@@ -23,9 +23,9 @@ from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
 
 from ..data.detection import register_from_config
-from ..engine.logs import LOGGERS, use_colour
-from ..engine.run_identity import identity_keys
-from ..engine.signals import INTERRUPT_SIGNALS, TrainingInterrupted, handling, signal_name
+from ..runtime.logs import LOGGERS, use_colour
+from ..runtime.run_identity import identity_keys
+from ..runtime.signals import INTERRUPT_SIGNALS, TrainingInterrupted, handling, signal_name
 from .objectives import SearchTask, build_objective, search_task
 from .report import write_search_report
 from .study import (

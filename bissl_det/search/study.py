@@ -31,7 +31,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
-from ..engine.signals import interrupt_immediately
+from ..runtime.signals import interrupt_immediately
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fvcore.common.config import CfgNode as CN
 
-from ..config import COUPLINGS
+from ..config.defaults import COUPLINGS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("classification", "detection")

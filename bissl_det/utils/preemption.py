@@ -10,7 +10,7 @@ at exit): its ``terminate()`` sends :data:`WORKER_END_SIGNAL`, which no schedule
 of SIGTERM. The sender of a SIGTERM cannot tell the two apart reliably: a spawned worker has
 threads from its imports (OpenBLAS's pool) that may receive it before any mask is set.
 The training process stops, and its workers end with it. The stop itself is
-:mod:`bissl_det.engine.signals`.
+:mod:`bissl_det.runtime.signals`.
 """
 
 from __future__ import annotations

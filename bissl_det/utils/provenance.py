@@ -2,7 +2,7 @@
 package versions, host and time.
 
 Every tool's ``results.json`` carries a provenance record under ``"provenance"`` and its units
-under ``"units"`` (:func:`bissl_det.engine.records.write_results`, which adds the config,
+under ``"units"`` (:func:`bissl_det.runtime.records.write_results`, which adds the config,
 weights and data), so that a number found later in a folder can be traced to the exact code,
 config, checkpoint and data that produced it.
 """

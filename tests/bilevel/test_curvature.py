@@ -18,10 +18,10 @@ from bissl_det.bilevel import (
     tuple_cosine,
     tuple_dot,
 )
-from bissl_det.engine.setup import load_config
 from bissl_det.modeling.backbone import PooledEncoder, build_resnet_trunk
 from bissl_det.modeling.pretext import SimCLR
 from bissl_det.modeling.pretext_tasks import build_pretext_model
+from bissl_det.runtime.setup import load_config
 from bissl_det.utils.distributed import all_reduce_mean
 from tests.bilevel.tensors import DT, flatten, random_like, unflatten
 from tests.helpers import NARROW_RESNET, TINY_C4

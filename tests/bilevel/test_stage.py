@@ -147,8 +147,8 @@ def test_adaptive_stage_basis_meets_tol_against_linalg_solve(tol):
 
 
 def test_adaptive_basis_needs_lanczos_and_a_tol():
-    from bissl_det.config import add_bissl_config
-    from bissl_det.engine.hypergrad import check_hypergrad_config
+    from bissl_det.config.defaults import add_bissl_config
+    from bissl_det.config.hypergrad import check_hypergrad_config
 
     from detectron2.config import get_cfg
 

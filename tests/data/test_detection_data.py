@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 # isort: split
-from bissl_det.config import add_dataset_config
+from bissl_det.config.defaults import add_dataset_config
 from bissl_det.data.detection import (
     DatasetValidationError,
     register_coco_json,

@@ -74,7 +74,7 @@ def train_and_dump(
 
     An exception is written to ``error_rank<r>.txt`` (with the time) and raised again: the
     process exits non-zero."""
-    from bissl_det.engine.setup import setup
+    from bissl_det.runtime.setup import setup
 
     from detectron2.utils import comm
 
@@ -107,7 +107,7 @@ def run(
     fault: tuple | None = None,
 ):
     """``tool``'s training in ``world`` gloo processes (or in this process for 1)."""
-    from bissl_det.engine.launch import launch
+    from bissl_det.runtime.launch import launch
 
     args = (tool, str(config_file), ["OUTPUT_DIR", str(output_dir), *opts], resume, fault)
     if world == 1:

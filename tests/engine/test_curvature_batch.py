@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bissl_det.bilevel import pretext_curvature, tuple_cosine
-from bissl_det.config import add_bissl_config
+from bissl_det.config.defaults import add_bissl_config
 from bissl_det.engine import BilevelTrainer
 from bissl_det.engine.curvature_batch import (
     check_curvature_batch,

@@ -8,7 +8,7 @@ through the gather.
 import os
 from collections import OrderedDict
 
-from bissl_det.config import add_bissl_config
+from bissl_det.config.defaults import add_bissl_config
 from bissl_det.engine import BilevelTrainer
 from bissl_det.modeling.meta_arch import BiSSL
 from bissl_det.modeling.pretext.simclr import nt_xent_logits

@@ -4,8 +4,8 @@ import json
 import logging
 import math
 
+from bissl_det.config.hypergrad import check_hypergrad_config
 from bissl_det.engine import BilevelTrainer
-from bissl_det.engine.hypergrad import check_hypergrad_config
 from tests.helpers import NARROW_CLS, TINY_C4, tiny_config
 
 import pytest
@@ -115,7 +115,7 @@ def test_hessian_near_init_reports_negative_curvature(in_demo_workdir, tmp_path,
 
 
 def _hypergrad(**values) -> CfgNode:
-    from bissl_det.config import add_bissl_config
+    from bissl_det.config.defaults import add_bissl_config
 
     from detectron2.config import get_cfg
 

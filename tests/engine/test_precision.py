@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bissl_det.config import add_bissl_config
+from bissl_det.config.defaults import add_bissl_config
 from bissl_det.engine import BilevelTrainer
 from bissl_det.modeling.meta_arch import BiSSL
 from bissl_det.utils.precision import tf32

@@ -52,7 +52,7 @@ def pretext_weights(tmp_path_factory) -> Path:
     """A SimCLR pretext checkpoint of the tiny C4 ResNet (random weights: only keys matter)."""
     from bissl_det.checkpoint import export_backbone
     from bissl_det.engine.pretrain import build_pretrain_model
-    from bissl_det.engine.setup import load_config
+    from bissl_det.runtime.setup import load_config
 
     torch.manual_seed(0)
     model = build_pretrain_model(load_config(str(TINY_C4)))

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from bissl_det.config import add_bissl_config
+from bissl_det.config.defaults import add_bissl_config
 from bissl_det.engine.verdict import iterations_for, stage_problems
 from tests.helpers import REPO, TINY_C4
 

@@ -3,7 +3,7 @@
 import copy
 
 from bissl_det.data.build import build_downstream_train_loader
-from bissl_det.engine.setup import load_config
+from bissl_det.runtime.setup import load_config
 from tests.helpers import CONFIGS, NARROW_RESNET, TINY_C4, tiny_config
 
 import pytest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from bissl_det.bilevel import pretext_curvature
-from bissl_det.config import add_bissl_config
+from bissl_det.config.defaults import add_bissl_config
 from bissl_det.modeling.pretext import (
     BYOL,
     MomentumTarget,

@@ -6,8 +6,8 @@ import types
 from pathlib import Path
 
 from bissl_det.data.tasks import downstream_task
-from bissl_det.engine.setup import load_config
 from bissl_det.evaluation.evaluate import build_detection_evaluator, detection_metrics
+from bissl_det.runtime.setup import load_config
 from tests.helpers import CONFIGS, NARROW_RESNET, TINY_C4, tiny_config
 
 import pytest

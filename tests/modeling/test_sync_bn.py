@@ -86,7 +86,7 @@ def test_swap_keeps_parameters_and_skips_other_norms() -> None:
 
 
 def test_bissl_upper_level_gets_float32_statistics() -> None:
-    from bissl_det.engine.setup import load_config
+    from bissl_det.runtime.setup import load_config
     from tests.helpers import NARROW_RESNET, TINY_C4
 
     from detectron2.modeling import build_model

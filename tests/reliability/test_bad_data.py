@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 # isort: split
-from bissl_det.config import add_bissl_config
+from bissl_det.config.defaults import add_bissl_config
 from bissl_det.data.classification import ImageFolderDataset
 from bissl_det.data.detection import (
     DatasetValidationError,

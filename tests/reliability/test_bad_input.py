@@ -1,6 +1,6 @@
 """Bad input fails before any long work, with a message naming the file, key or value.
 
-Data and config errors go through the tools' own set-up path (``bissl_det.engine.setup.setup``).
+Data and config errors go through the tools' own set-up path (``bissl_det.runtime.setup.setup``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ CLASSES = ["circle", "square", "triangle", "cross"]
 
 def _setup(config_file: Path, *opts: str):
     """What every tool runs first: detectron2's argument parser, then setup(args)."""
-    from bissl_det.engine.setup import setup
+    from bissl_det.runtime.setup import setup
 
     from detectron2.engine import default_argument_parser
 
@@ -228,7 +228,7 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
 
 
 def test_unknown_or_mistyped_override(tmp_path):
-    from bissl_det.engine.setup import load_config
+    from bissl_det.runtime.setup import load_config
 
     with pytest.raises(KeyError, match=r"command-line override.*BISSL\.LAMDA"):
         load_config(str(TINY_C4), ["BISSL.LAMDA", "0.01"])
@@ -303,7 +303,7 @@ def test_output_dir_that_cannot_be_created(in_demo_workdir, tmp_path):
 
 
 def test_unwritable_output_dir(tmp_path, monkeypatch):
-    from bissl_det.engine import setup as setup_module
+    from bissl_det.runtime import setup as setup_module
 
     # Tests may run as root, for whom chmod does not block writes: ask os.access to say no.
     monkeypatch.setattr(setup_module.os, "access", lambda path, mode: False)
@@ -312,7 +312,7 @@ def test_unwritable_output_dir(tmp_path, monkeypatch):
 
 
 def test_disk_nearly_full(tmp_path, monkeypatch):
-    from bissl_det.engine import setup as setup_module
+    from bissl_det.runtime import setup as setup_module
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(
@@ -342,7 +342,7 @@ def test_unregistered_pretext_set_names_its_key_and_file(tmp_path, in_demo_workd
     )
     assert "'nowhere_trainval' is not registered" in message
     # A fine-tuning run does not read the pretext sets: the same config starts.
-    from bissl_det.engine.setup import setup
+    from bissl_det.runtime.setup import setup
 
     from detectron2.engine import default_argument_parser
 

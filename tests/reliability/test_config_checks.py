@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
-from bissl_det.config_checks import ConfigError, check_batch_sizes, read_config_chain
-from bissl_det.engine.setup import load_config
+from bissl_det.config.checks import ConfigError, read_config_chain
+from bissl_det.runtime.batch_checks import check_batch_sizes
+from bissl_det.runtime.setup import load_config
 from tests.helpers import REPO, TINY_C4
 
 import pytest
@@ -119,7 +121,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
 
 
 def test_refused_before_anything_is_written(in_demo_workdir, tmp_path):
-    from bissl_det.engine.setup import setup
+    from bissl_det.runtime.setup import setup
 
     from detectron2.engine import default_argument_parser
 
@@ -223,7 +225,7 @@ def _setup_args(*opts: str) -> argparse.Namespace:
 )
 def test_batch_larger_than_the_data_set(in_demo_workdir, tmp_path, tool, key, data):
     from bissl_det.data.build import downstream_train_size, pretext_image_paths
-    from bissl_det.engine.setup import setup
+    from bissl_det.runtime.setup import setup
     from tests.helpers import TINY_C4, tiny_config
 
     cfg = tiny_config(TINY_C4, tmp_path / "probe")
@@ -242,13 +244,17 @@ def test_batch_larger_than_the_data_set(in_demo_workdir, tmp_path, tool, key, da
     setup(_setup_args("--eval-only", key, str(size + 2), "OUTPUT_DIR", str(tmp_path / "ev")), tool)
 
 
-def test_tool_defaults_to_the_running_script(in_demo_workdir, tmp_path, monkeypatch):
-    from bissl_det.engine.setup import running_tool, setup
-
-    monkeypatch.setattr("sys.argv", [str(REPO / "tools" / "pretrain_ssl.py")])
-    assert running_tool() == "pretrain_ssl"
+def test_a_tool_main_called_directly_checks_its_batches(in_demo_workdir, tmp_path):
+    """Tools name themselves to setup(): a main() not started as a script checks the same."""
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_tool", REPO / "tools" / "pretrain_ssl.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = _setup_args("PRETRAIN.IMS_PER_BATCH", "100000", "OUTPUT_DIR", str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="PRETRAIN.IMS_PER_BATCH = 100000 is larger"):
-        setup(_setup_args("PRETRAIN.IMS_PER_BATCH", "100000", "OUTPUT_DIR", str(tmp_path)))
+        tool.main(args)
+    assert not (tmp_path / "o").exists()
 
 
 def test_batches_against_the_process_count(in_demo_workdir, tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from bissl_det.engine.signals import SignalForwarder, TrainingInterrupted, interrupt_immediately
+from bissl_det.runtime.signals import SignalForwarder, TrainingInterrupted, interrupt_immediately
 from bissl_det.utils.preemption import INTERRUPT_SIGNALS, ignore_in_workers
 
 import pytest

@@ -37,7 +37,7 @@ def _worker(rank: int, init_file: str, out_dir: str, images: str) -> None:
         except (ValueError, RankZeroError) as e:
             record["error"] = f"{type(e).__name__}: {e}"
 
-        from bissl_det.config import add_bissl_config
+        from bissl_det.config.defaults import add_bissl_config
         from bissl_det.data.build import pretext_image_paths
 
         from detectron2.config import get_cfg

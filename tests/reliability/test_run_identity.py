@@ -10,7 +10,7 @@ import shutil
 import sys
 
 import bissl_det  # noqa: F401  (shims before detectron2)
-from bissl_det.engine.run_identity import (
+from bissl_det.runtime.run_identity import (
     RunIdentityError,
     check_resume_checkpoint,
     run_identity,
@@ -91,7 +91,7 @@ def test_resume_with_a_changed_config_is_refused(demo_workdir, bissl_dir, change
 
 
 def test_resume_with_a_changed_logging_period_is_allowed():
-    from bissl_det.engine.setup import load_config
+    from bissl_det.runtime.setup import load_config
 
     base = load_config(str(TINY_C4))
     changed = load_config(str(TINY_C4), ["BISSL.LOG_PERIOD", "7", "DATALOADER.NUM_WORKERS", "3"])

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bissl_det.engine.run_lock import (
+from bissl_det.runtime.run_lock import (
     LOCK_NAME,
     OutputDirInUse,
     lock_output_dir,
@@ -25,7 +25,7 @@ from .runs import ENV, run
 # A process that holds a folder's lock until it is killed (it imports only the lock module).
 HOLDER = f"""
 import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("run_lock", "{REPO}/bissl_det/engine/run_lock.py")
+spec = importlib.util.spec_from_file_location("run_lock", "{REPO}/bissl_det/runtime/run_lock.py")
 run_lock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_lock)
 run_lock.lock_output_dir(sys.argv[1])
@@ -89,7 +89,7 @@ def test_same_process_reuses_its_lock_and_others_see_it(tmp_path):
     assert lock_output_dir(tmp_path) is lock
     probe = f"""
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("run_lock", "{REPO}/bissl_det/engine/run_lock.py")
+spec = importlib.util.spec_from_file_location("run_lock", "{REPO}/bissl_det/runtime/run_lock.py")
 run_lock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_lock)
 try:
@@ -110,7 +110,7 @@ except run_lock.OutputDirInUse:
 
 
 def test_stray_temporary_files_are_removed_at_start(in_demo_workdir, tmp_path):
-    from bissl_det.engine.setup import setup
+    from bissl_det.runtime.setup import setup
 
     from detectron2.engine import default_argument_parser
 
@@ -133,7 +133,7 @@ def test_stray_temporary_files_are_removed_at_start(in_demo_workdir, tmp_path):
 
 
 def test_setup_takes_the_lock(in_demo_workdir, holder):
-    from bissl_det.engine.setup import setup
+    from bissl_det.runtime.setup import setup
 
     from detectron2.engine import default_argument_parser
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from bissl_det.engine.signals import (
+from bissl_det.runtime.signals import (
     EXIT_INTERRUPTED,
     GracefulInterrupt,
     TrainingInterrupted,
@@ -276,7 +276,7 @@ def toy_main(args: argparse.Namespace) -> None:
 
 def toy_launch(out: str, self_signal_rank: int) -> None:
     """What a tool does: launch_from_args(main, args), 2 gloo processes."""
-    from bissl_det.engine.launch import launch_from_args
+    from bissl_det.runtime.launch import launch_from_args
 
     args = argparse.Namespace(num_gpus=2, num_machines=1, machine_rank=0, dist_url="auto")
     args.out, args.self_signal_rank = out, self_signal_rank

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bissl_det.engine.setup import load_config
+from bissl_det.runtime.setup import load_config
 from bissl_det.search import SearchOptions, open_study, search_task
 from bissl_det.search.run import _identity
 from bissl_det.search.study import check_study_identity

@@ -20,7 +20,7 @@ from bissl_det.data.inspect import (
     suggest_settings,
 )
 from bissl_det.data.inspect_cost import HeadCost
-from bissl_det.engine.setup import load_config
+from bissl_det.runtime.setup import load_config
 from tests.helpers import CONFIGS, REPO
 
 import numpy as np

@@ -8,7 +8,7 @@ import math
 
 from bissl_det.checkpoint import load_pretext_checkpoint, lower_state_without_backbone
 from bissl_det.engine.pretrain import PretrainTrainer
-from bissl_det.engine.setup import load_config
+from bissl_det.runtime.setup import load_config
 from bissl_det.solver.build import warmup_cosine
 from tests.helpers import CONFIGS, NARROW_RESNET, REPO, tiny_config
 

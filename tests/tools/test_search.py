@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from bissl_det.engine.setup import load_config
+from bissl_det.runtime.setup import load_config
 from bissl_det.search import SearchOptions, open_study, run_search, run_trials, search_task
 from bissl_det.search.study import log_uniform_space
 from tests.helpers import CONFIGS, tiny_config

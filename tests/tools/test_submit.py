@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from bissl_det.utils.cluster import ToolJob, job_port
+from bissl_det.runtime.cluster import ToolJob, job_port
 from tests.helpers import CONFIGS, NARROW_RESNET
 from tools.submit import main as submit_main
 
@@ -183,7 +183,7 @@ def test_sbatch_file_carries_cpus_and_memory(
 
 
 def test_local_executor_takes_the_same_parameters(tmp_path):
-    from bissl_det.utils.cluster import build_executor, default_resources
+    from bissl_det.runtime.cluster import build_executor, default_resources
 
     resources = default_resources(gpus_per_node=1, workers_per_process=4)
     assert resources == {"cpus_per_task": 5, "mem_gb": 16}

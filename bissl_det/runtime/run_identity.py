@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.io import atomic_write_text
-from ..utils.config_values import values_except
+from ..config.values import values_except
 
 logger = logging.getLogger(__name__)
 

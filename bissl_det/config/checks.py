@@ -7,8 +7,8 @@ file that set it last (or the command line), so that every message reads like
 ``configs/quick/x.yaml (via _BASE_ configs/Base-x.yaml): BISSL.UPPER.BASE_LR = -0.1 must be > 0``.
 
 :func:`check_config_values` checks what a config alone decides (learning rates, lengths,
-periods, SimCLR's batch, fp16 autocast); :func:`check_batch_sizes` checks a tool's batch sizes
-against the process count and the registered data sets.
+periods, SimCLR's batch, fp16 autocast); what needs the data sets is checked at start-up by
+:mod:`bissl_det.runtime.batch_checks`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import yaml
 from detectron2.config import CfgNode
 
-from .config import COUPLINGS
-from .data.build import downstream_train_size, pretext_image_paths
+from .defaults import COUPLINGS
 
 BASE_KEY = "_BASE_"
 COMMAND_LINE = "command-line override"
@@ -309,7 +308,7 @@ def check_config_values(cfg: CfgNode, origins: ConfigOrigins) -> None:
             "gradients to underflow; use 'bfloat16'",
         )
     if problems:
-        raise ConfigError(_join(problems))
+        raise ConfigError(join_problems(problems))
 
 
 def _check_lambda(cfg: CfgNode, refuse: Callable[[str, str], None]) -> None:
@@ -372,56 +371,7 @@ def _check_classification(cfg: CfgNode, refuse: Callable[[str, str], None]) -> N
         refuse("CLS.PROBE.VAL_FRACTION", "must be in (0, 1)")
 
 
-def _join(problems: list[str]) -> str:
+def join_problems(problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
     return f"{len(problems)} invalid config values:\n  " + "\n  ".join(problems)
-
-
-# ---- Batch sizes of one tool against processes and data -----------------------------------------
-
-# Per tool: (batch key, the data it draws from). Other tools' batch keys keep their defaults
-# and are not checked against this run's data or process count.
-TOOL_BATCHES = {
-    "train_bissl": (
-        ("BISSL.LOWER.IMS_PER_BATCH", "pretext"),
-        ("BISSL.UPPER.IMS_PER_BATCH", "downstream"),
-    ),
-    "pretrain_ssl": (("PRETRAIN.IMS_PER_BATCH", "pretext"),),
-    "finetune_det": (("SOLVER.IMS_PER_BATCH", "downstream"),),
-    "eval_cls": (("CLS.SOLVER.IMS_PER_BATCH", "downstream"),),
-}
-
-
-def check_batch_sizes(cfg: CfgNode, origins: ConfigOrigins, tool: str, world_size: int) -> None:
-    """A tool's batches: multiples of the process count, and no larger than their data set.
-
-    Call once the data sets are registered. A batch larger than its data set would repeat images
-    within a batch (for SimCLR, an image's copy becomes its own negative). Without
-    MODEL.SIMCLR.GATHER, SimCLR needs 2 images per process too.
-
-    Raises:
-        ConfigError: one line per invalid batch, naming where it was set.
-    """
-    sizes = {
-        "pretext": lambda: (len(pretext_image_paths(cfg)), "pretext images (BISSL.PRETEXT_DATA)"),
-        "downstream": lambda: (downstream_train_size(cfg), "downstream training samples"),
-    }
-    simclr = str(cfg.MODEL.BISSL.PRETEXT).lower() == "simclr"
-    problems = []
-    for key, data in TOOL_BATCHES.get(tool, ()):
-        batch, where = _get(cfg, key), origins.describe(key)
-        if batch % world_size:
-            problems.append(f"{where}: {key} = {batch} is not a multiple of {world_size} processes")
-            continue
-        if data == "pretext" and simclr and not cfg.MODEL.SIMCLR.GATHER and batch // world_size < 2:
-            problems.append(
-                f"{where}: {key} = {batch} over {world_size} processes leaves "
-                f"{batch // world_size} image per process: without MODEL.SIMCLR.GATHER SimCLR "
-                "needs >= 2 per process"
-            )
-        size, what = sizes[data]()
-        if batch > size:
-            problems.append(f"{where}: {key} = {batch} is larger than the {size} {what}")
-    if problems:
-        raise ConfigError(_join(problems))

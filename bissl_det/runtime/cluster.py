@@ -2,7 +2,7 @@
 
 One submitit task per node: it starts the tool as a subprocess with ``--num-gpus G
 --num-machines N --machine-rank <node> --dist-url tcp://<node 0>:<port>``, and the tool's own
-launcher (``bissl_det.engine.launch``) starts the G processes of that node. So a cluster run is
+launcher (``bissl_det.runtime.launch``) starts the G processes of that node. So a cluster run is
 exactly the manual multi-machine run (docs/pipeline.md), the launcher forwards signals to its
 workers, and the same path runs on CPU (gloo) for tests. One task per GPU would need a
 second, submitit-specific process-group set-up next to the launcher.
@@ -14,7 +14,7 @@ Signals, in the order they act:
    the tool's launcher, its workers and their data-loader workers. On node 0, submitit calls
    :meth:`ToolJob.checkpoint`: it sends SIGUSR1 to the tool, whose launcher forwards it to
    the workers; they (which got the SIGUSR2 themselves too) stop together after the current
-   step, write ``model_<iter>.pth`` and exit with 75 (``bissl_det.engine.signals``); loader
+   step, write ``model_<iter>.pth`` and exit with 75 (``bissl_det.runtime.signals``); loader
    workers ignore the signals (``bissl_det.utils.preemption``). ``checkpoint`` waits for that
    (at most the signal delay minus a margin), then returns this job with ``--resume`` added,
    and submitit requeues it. Other nodes' tasks do nothing: every worker stops at the step
@@ -44,7 +44,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from .preemption import EXIT_INTERRUPTED
+from ..utils.preemption import EXIT_INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Tools with detectron2's launch flags (--num-gpus ... --dist-url) and --resume.

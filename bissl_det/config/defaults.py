@@ -16,6 +16,7 @@ CUSTOM_DATASET_KEYS = {
 }
 # BISSL.COUPLING values: BiSSL and the arms of a study (engine/coupling.py).
 COUPLINGS = ("bilevel", "first_order", "proximal", "decoupled")
+GRAPH_DTYPES = ("float32", "bfloat16")  # BISSL.HYPERGRAD.GRAPH_DTYPE
 # DATASETS.CHECK_IMAGES values: which images are decoded in full at start-up.
 CHECK_IMAGES_MODES = ("header", "decode_test", "decode_all")
 

@@ -3,7 +3,7 @@
 On a CPU-only machine ``--num-gpus N`` means N gloo processes, so multi-process behaviour
 (all-reduces, gathers, sharded samplers) can be run and tested anywhere with the same scripts.
 
-Signals (engine/signals.py): the launcher forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to its
+Signals (runtime/signals.py): the launcher forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to its
 worker processes (a scheduler or ``kill`` may signal the launcher only; a signal that reaches
 every process, as Slurm's do, arrives twice, which changes nothing); the workers stop at the
 same step with a checkpoint and exit with EXIT_INTERRUPTED, and :func:`launch` raises

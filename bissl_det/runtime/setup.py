@@ -5,24 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.utils import comm
 
-from ..config import add_bissl_config
-from ..config_checks import (
-    TOOL_BATCHES,
+from ..config.checks import (
     ConfigOrigins,
-    check_batch_sizes,
     check_config_values,
     merge_with_origins,
 )
+from ..config.defaults import add_bissl_config
+from ..config.hypergrad import check_hypergrad_config
 from ..data.build import check_num_classes
 from ..data.detection import register_from_config
-from .hypergrad import check_hypergrad_config
+from .batch_checks import TOOL_BATCHES, check_batch_sizes
 from .logs import setup_run_logging
 from .run_identity import check_run_identity, running_script
 from .run_lock import lock_output_dir, remove_stray_temp_files
@@ -36,7 +34,7 @@ def load_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     """get_cfg + BiSSL keys + YAML + KEY VALUE overrides, every value checked.
 
     Errors name the key and the file of the ``_BASE_`` chain (or the command line) that set it
-    (:mod:`bissl_det.config_checks`).
+    (:mod:`bissl_det.config.checks`).
     """
     return _load_config(config_file, opts)[0]
 
@@ -69,12 +67,6 @@ def check_output_dir(output_dir: str, min_free_bytes: int = MIN_FREE_BYTES) -> N
         )
 
 
-def running_tool() -> str | None:
-    """The tool this process runs (``tools/<name>.py``), if it is one that trains."""
-    name = Path(sys.argv[0]).stem
-    return name if name in TOOL_BATCHES else None
-
-
 def checked_config(
     args, tool: str | None = None, world_size: int | None = None
 ) -> tuple[CfgNode, ConfigOrigins]:
@@ -87,7 +79,6 @@ def checked_config(
     """
     cfg, origins = _load_config(args.config_file, args.opts)
     check_hypergrad_config(cfg.BISSL.HYPERGRAD)  # before the data: it is cheaper
-    tool = tool or running_tool()
     # A tool that draws no pretext batch does not need BISSL.PRETEXT_DATA's sets (a fine-tuning
     # config may inherit the demo's from its _BASE_).
     pretext = tool is None or any(data == "pretext" for _, data in TOOL_BATCHES.get(tool, ()))
