@@ -29,6 +29,7 @@ from .pretext import (
     normalise_pixels,
 )
 from .tasks import downstream_task
+from .view_augment import PretextView, augment_views
 
 __all__ = [
     "build_downstream_train_loader",
@@ -119,16 +120,27 @@ def build_pretext_loader(
 
 
 def pretext_batch_to_device(
-    cfg: CfgNode, batch: tuple[torch.Tensor, ...], device: torch.device
+    cfg: CfgNode, batch: tuple, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """The loader's views on ``device``: uint8 pixels are copied, then normalised there (float32,
-    MODEL.PIXEL_MEAN/STD); floating tensors (already model inputs, e.g. tests' batches) are only
-    moved."""
-    moved = tuple(t.to(device, non_blocking=True) for t in batch)
-    if all(t.dtype != torch.uint8 for t in moved):
-        return moved
+    """The loader's views as the model's inputs on ``device``.
+
+    A :class:`~.view_augment.PretextView` (the loader's: uint8 pixels and each view's random
+    parameters) is copied, augmented there as one batch (:func:`~.view_augment.augment_views`:
+    colour jitter, grayscale, blur, solarisation) and normalised (float32, MODEL.PIXEL_MEAN/STD);
+    uint8 pixels are only normalised; floating tensors (already model inputs, e.g. tests'
+    batches) are only moved."""
     mean, std = normalisation(cfg)
-    return tuple(normalise_pixels(t, mean, std) if t.dtype == torch.uint8 else t for t in moved)
+    out = []
+    for item in batch:
+        if isinstance(item, PretextView):
+            pixels = item.pixels.to(device, non_blocking=True)
+            params = item.params.to(device, non_blocking=True)
+            out.append(normalise_pixels(augment_views(pixels, params), mean, std))
+        elif item.dtype == torch.uint8:
+            out.append(normalise_pixels(item.to(device, non_blocking=True), mean, std))
+        else:
+            out.append(item.to(device, non_blocking=True))
+    return tuple(out)
 
 
 # ---- Downstream (upper level): the config's task ------------------------------------------------

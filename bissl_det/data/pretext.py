@@ -1,7 +1,9 @@
 """The pretext data pipeline: unlabeled images, two augmented views, an endless resumable sampler.
 
-PIL augmentations giving uint8 views (normalised on the device by :func:`normalise_pixels`) and
-samplers (images read by :mod:`.images`), the same for pretraining and BiSSL's lower level.
+Loader workers crop, resize and flip each view with PIL and draw its colour/blur parameters;
+the batch is augmented and normalised on the device (:mod:`.view_augment`,
+``data.build.pretext_batch_to_device``). Images are read by :mod:`.images`; the same for
+pretraining and BiSSL's lower level.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from bissl_det.utils.distributed import world_size as _world_size
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
@@ -30,6 +32,7 @@ from .images import (
     ImageTooLargeError,
     read_rgb,
 )
+from .view_augment import PretextView, blur_kernel_size, draw, draw_view_params
 
 __all__ = [
     "InfiniteSampler",
@@ -37,8 +40,8 @@ __all__ = [
     "TwoViewTransform",
     "UnlabeledImages",
     "find_images",
+    "PretextView",
     "blur_kernel_size",
-    "blur_radius",
     "normalise_pixels",
     "pixels_to_tensor",
 ]
@@ -63,11 +66,11 @@ class TwoViewAugmentation:
         crop_ratio: Range of the crop's aspect ratio (kept at the standard 3/4..4/3).
         flip_p: Horizontal flip probability.
         jitter: Colour jitter strengths (brightness, contrast, saturation, hue).
-        jitter_p: Probability of applying colour jitter.
+        jitter_p: Probability of applying colour jitter (its four operations in a random order).
         gray_p: Probability of converting to grayscale.
         blur_p: Gaussian blur probability per view (kernel 10% of crop_size, sigma 0.1..2).
         solarize_p: Solarisation probability per view (threshold 128 of 255).
-        mean: Normalisation mean (RGB, 0-1 scale), applied on the device (:func:`normalise_pixels`).
+        mean: Normalisation mean (RGB, 0-1 scale), applied on the device.
         std: Normalisation std (RGB, 0-1 scale).
         interpolation: Resize interpolation of the crop, "bilinear" or "bicubic".
     """
@@ -98,6 +101,10 @@ class TwoViewAugmentation:
             raise ValueError(f"TwoViewAugmentation.crop_ratio invalid: {self.crop_ratio}")
         if len(self.jitter) != 4 or any(j < 0 for j in self.jitter):
             raise ValueError(f"TwoViewAugmentation.jitter needs 4 values >= 0, got {self.jitter}")
+        if self.jitter[3] > 0.5:
+            raise ValueError(
+                f"TwoViewAugmentation.jitter: hue must be <= 0.5, got {self.jitter[3]}"
+            )
         for name in ("flip_p", "jitter_p", "gray_p"):
             _check_prob(name, getattr(self, name))
         for name in ("blur_p", "solarize_p"):
@@ -123,85 +130,57 @@ def pixels_to_tensor(image: Image.Image) -> torch.Tensor:
 def normalise_pixels(
     images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """uint8 ``(..., 3, H, W)`` pixels (0-255) -> float32 ``(x / 255 - mean) / std``.
+    """Pixels ``(..., 3, H, W)``, uint8 (0-255) or floating (0-1), -> float32 ``(x - mean) / std``
+    on the 0-1 scale.
 
     Done on the device after the copy: a uint8 batch is a quarter of the float32 bytes through
     the workers' shared memory and the host-to-device copy.
     """
-    if images.dtype != torch.uint8:
-        raise TypeError(f"normalise_pixels: expected uint8 pixels, got {images.dtype}")
+    if images.dtype == torch.uint8:
+        images = images.to(torch.float32) / 255.0
+    elif not images.is_floating_point():
+        raise TypeError(f"normalise_pixels: expected uint8 or floating pixels, got {images.dtype}")
     shape = (3, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape)
-    scale = torch.tensor(std, dtype=torch.float32, device=images.device).view(shape) * 255.0
-    return (images.to(torch.float32) - mean_t * 255.0) / scale
-
-
-def blur_kernel_size(crop_size: int) -> int:
-    """The authors' blur kernel: odd, about 10% of the crop, at least 3."""
-    return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
-
-
-def blur_radius(sigma: float, crop_size: int) -> float:
-    """PIL's blur radius (a standard deviation) with the spread of the Gaussian of ``sigma``
-    sampled on :func:`blur_kernel_size` taps: the standard deviation of that discrete kernel."""
-    half = blur_kernel_size(crop_size) // 2
-    offsets = np.arange(-half, half + 1, dtype=np.float64)
-    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
-    return float(np.sqrt((weights * offsets**2).sum() / weights.sum()))
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(shape)
+    return (images.to(torch.float32) - mean_t) / std_t
 
 
 class TwoViewTransform:
-    """PIL image -> (view 1, view 2), each a ``(3, crop_size, crop_size)`` uint8 tensor.
+    """PIL image -> (view 1, view 2), each a :class:`PretextView`: uint8 ``(3, crop, crop)``
+    pixels and the view's random colour/blur parameters.
 
-    The views are normalised on the device (:func:`normalise_pixels` with ``aug.mean``/``aug.std``).
-    Every step works on PIL images: the crop and resize in one ``Image.resize(box=...)``, colour
-    jitter by torchvision's ``ColorJitter`` (PIL path), and the blur by PIL's
-    ``ImageFilter.GaussianBlur``, whose radius is the Gaussian's standard deviation: sigma is
-    drawn from U(0.1, 2.0) as in SimCLR/BYOL and the blur keeps the spread of the authors' kernel:
-    the Gaussian sampled on a kernel of 10% of the crop, whose standard deviation is below sigma
-    for small sigma (0.09 px at sigma 0.3) and where the kernel truncates it
-    (:func:`blur_radius`). PIL approximates the Gaussian by three box blurs; torchvision's tensor
-    blur (the previous pipeline) took 5x as long at 224 px (docs/full_scale.md). Randomness
-    comes from torch's RNG only (seed it, or the DataLoader worker seed, to reproduce).
+    The worker does what needs the whole image: crop and resize in one ``Image.resize(box=...)``
+    (RandomResizedCrop's parameters) and the flip. Colour jitter, grayscale, Gaussian blur
+    (sigma ~ U(0.1, 2.0) on the authors' kernel of 10 % of the crop) and solarisation are drawn
+    here (:func:`~.view_augment.draw_view_params`) and applied to the batch on the device
+    (:func:`~.view_augment.augment_views`, called by ``data.build.pretext_batch_to_device``),
+    then normalised with ``aug.mean``/``aug.std``. Randomness comes from torch's RNG only (seed
+    it, or the DataLoader worker seed, to reproduce).
     """
 
     def __init__(self, aug: TwoViewAugmentation | None = None) -> None:
         self.aug = aug if aug is not None else TwoViewAugmentation()
-        self.jitter = T.ColorJitter(*self.aug.jitter)
         self.resample = _RESAMPLE[self.aug.interpolation]
 
-    def view(self, image: Image.Image, view: int) -> torch.Tensor:
-        """One augmented view (0 or 1) of an RGB image."""
+    def view(self, image: Image.Image, view: int) -> PretextView:
+        """One view (0 or 1) of an RGB image: cropped, resized, flipped; its other draws."""
         aug, size = self.aug, self.aug.crop_size
         top, left, h, w = T.RandomResizedCrop.get_params(
             image, list(aug.crop_scale), list(aug.crop_ratio)
         )
         out = image.resize((size, size), self.resample, box=(left, top, left + w, top + h))
-        if _draw(aug.flip_p):
+        if draw(aug.flip_p):
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if _draw(aug.jitter_p):
-            out = self.jitter(out)
-        if _draw(aug.gray_p):
-            out = out.convert("L").convert("RGB")
-        if _draw(aug.blur_p[view]):
-            sigma = float(torch.empty(1).uniform_(0.1, 2.0))
-            out = out.filter(ImageFilter.GaussianBlur(radius=blur_radius(sigma, size)))
-        if _draw(aug.solarize_p[view]):
-            out = ImageOps.solarize(out, threshold=128)
-        return pixels_to_tensor(out)
+        return PretextView(pixels_to_tensor(out), draw_view_params(aug, view))
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: Image.Image) -> tuple[PretextView, PretextView]:
         if image.mode != "RGB":
             image = image.convert("RGB")
         return self.view(image, 0), self.view(image, 1)
 
     def __repr__(self) -> str:
         return f"TwoViewTransform({self.aug})"
-
-
-def _draw(p: float) -> bool:
-    """True with probability ``p`` (torch's RNG, as torchvision's Random* transforms)."""
-    return p > 0 and bool(torch.rand(1) < p)
 
 
 def find_images(root: str | Path) -> list[Path]:

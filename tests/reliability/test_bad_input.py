@@ -169,7 +169,7 @@ def test_pretext_images_undecodable_are_skipped_then_fail(in_demo_workdir, tmp_p
     with caplog.at_level(logging.WARNING, logger="bissl_det"):
         for _ in range(3):  # 24 draws: the whole first epoch and more
             view1, view2 = next(batches)
-            assert view1.shape == view2.shape == (8, 3, 32, 32)
+            assert view1.pixels.shape == view2.pixels.shape == (8, 3, 32, 32)
     assert loader.dataset.bad_files == [folder / "bad0.jpg"]
     assert any(str(folder / "bad0.jpg") in r.getMessage() for r in caplog.records)
 
