@@ -3,21 +3,28 @@
 Usage::
 
     python -m benchmarks.bench_data --threads 1 [--quick] [--images DIR] [--out FILE]
+        [--device cuda]
 
 For each crop size (96 and 224 px) both pipelines process the same JPEG files in alternating
 blocks in one process: read the file (``read_rgb``, the loader's reader: full decode, EXIF,
 RGB) and make the two views. Per-core throughput is ``1 / median seconds per image`` with torch
 limited to ``--threads`` threads (a loader worker is one process on one core), timed in CPU
 seconds of the process (``time.process_time``: robust to other processes on a shared machine;
-with ``--threads 1`` it is the time of one core). The old pipeline
-is the previous ``TwoViewTransform`` (torchvision on PIL images with the tensor Gaussian blur at
-a kernel of 10 % of the crop, float32 normalised output), kept here only as a reference. The
-new one is :class:`bissl_det.data.pretext.TwoViewTransform` (PIL throughout, uint8 output,
-normalised on the device).
+with ``--threads 1`` it is the time of one core). The old pipeline is the previous
+``TwoViewTransform`` (torchvision on PIL images with the tensor Gaussian blur at a kernel of
+10 % of the crop, float32 normalised output), kept here only as a reference. The new one is the
+worker's part of :class:`bissl_det.data.pretext.TwoViewTransform`: crop + resize + flip to
+uint8 and the draw of each view's colour/blur parameters.
+
+The new pipeline's colour jitter, grayscale, blur and solarisation run on the device that holds
+the batch (``data.build.pretext_batch_to_device``): that work moves, it does not vanish. It is
+timed separately, per image (two views), on batches of ``--device-batch`` images: always on the
+CPU (one thread, CPU time: what it would cost a CPU-only run, or a worker if it stayed there),
+and with ``--device cuda`` also on the GPU (wall time after synchronising).
 
 Without ``--images`` the files are synthetic 500x375 JPEGs (the size of a VOC image, quality
-90, smooth colour fields plus texture). From the new throughput the benchmark derives the
-loader workers per GPU that feed ``--batch-per-gpu`` images in each of ``--step-times``.
+90, smooth colour fields plus texture). From the new workers' throughput the benchmark derives
+the loader workers per GPU that feed ``--batch-per-gpu`` images in each of ``--step-times``.
 """
 
 from __future__ import annotations
@@ -37,12 +44,19 @@ from pathlib import Path
 
 import bissl_det  # noqa: F401  (compat shims before detectron2)
 from bissl_det.data.images import read_rgb
-from bissl_det.data.pretext import TwoViewAugmentation, TwoViewTransform, blur_kernel_size
+from bissl_det.data.pretext import (
+    TwoViewAugmentation,
+    TwoViewTransform,
+    blur_kernel_size,
+    normalise_pixels,
+)
+from bissl_det.data.view_augment import PretextView, augment_views
 from bissl_det.utils.provenance import git_state, package_versions, utc_now
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision import transforms as T
 
 CROP_SIZES = (96, 224)
@@ -99,6 +113,35 @@ def per_image_seconds(fn: Callable[[Path], object], paths: list[Path], n: int) -
     return (time.process_time() - start) / n
 
 
+def device_seconds_per_image(
+    transform: TwoViewTransform, paths: list[Path], args: argparse.Namespace, device: str
+) -> float:
+    """Seconds per image (two views) of the device's part of the new pipeline: augmentation and
+    normalisation of uint8 batches of ``--device-batch`` images, as the trainer runs it. CPU:
+    process time (one core at ``--threads 1``); CUDA: wall time between synchronisations."""
+    aug, n = transform.aug, args.device_batch
+    views = [transform(read_rgb(paths[i % len(paths)])) for i in range(n)]
+    batch = [PretextView(*(t.to(device) for t in v)) for v in default_collate(views)]
+
+    def step() -> None:
+        for view in batch:
+            normalise_pixels(augment_views(view.pixels, view.params), aug.mean, aug.std)
+
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.process_time
+    step()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = clock()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((clock() - start) / n)
+    return statistics.median(times)
+
+
 def bench_size(crop: int, paths: list[Path], args: argparse.Namespace, log) -> dict:
     aug = TwoViewAugmentation(crop_size=crop)
     pipelines = {"old": ReferenceTwoView(aug), "new": TwoViewTransform(aug)}
@@ -111,19 +154,32 @@ def bench_size(crop: int, paths: list[Path], args: argparse.Namespace, log) -> d
         for name, fn in runs.items():
             times[name].append(per_image_seconds(fn, paths, args.images_per_block))
     median = {name: statistics.median(ts) for name, ts in times.items()}
+    device_s = {"cpu": device_seconds_per_image(pipelines["new"], paths, args, "cpu")}
+    if args.device != "cpu":
+        device_s[args.device] = device_seconds_per_image(pipelines["new"], paths, args, args.device)
+    cpu_only = median["new"] + device_s["cpu"]
     out = {
         "ms_per_image": {k: 1e3 * v for k, v in median.items()},
         "times_s": times,
         "images_per_s_per_core": {"old": 1 / median["old"], "new": 1 / median["new"]},
         "speedup_per_core": median["old"] / median["new"],
         "decode_share_of_new": median["decode_only"] / median["new"],
+        "device_side_ms_per_image": {k: 1e3 * v for k, v in device_s.items()},
+        "cpu_only_ms_per_image": 1e3 * cpu_only,
+        "cpu_only_speedup_per_core": median["old"] / cpu_only,
         "bytes_per_image": {"old": 2 * 3 * crop * crop * 4, "new": 2 * 3 * crop * crop},
     }
     ms = out["ms_per_image"]
     log(
-        f"{crop:>4} px: old {ms['old']:7.2f} ms/image, new {ms['new']:6.2f} ms/image (decode "
-        f"{ms['decode_only']:.2f}) -> {out['speedup_per_core']:.2f}x; "
+        f"{crop:>4} px: old {ms['old']:7.2f} ms/image, new workers {ms['new']:6.2f} ms/image "
+        f"(decode {ms['decode_only']:.2f}) -> {out['speedup_per_core']:.2f}x; "
         f"{out['images_per_s_per_core']['new']:.0f} images/s per core"
+    )
+    device_ms = ", ".join(f"{k} {v:.2f}" for k, v in out["device_side_ms_per_image"].items())
+    log(
+        f"{crop:>4} px: + device side {device_ms} ms/image (batch {args.device_batch}); workers + "
+        f"device side both on one CPU core: {out['cpu_only_ms_per_image']:.2f} ms/image, "
+        f"{out['cpu_only_speedup_per_core']:.2f}x the old pipeline"
     )
     return out
 
@@ -156,10 +212,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-per-gpu", type=int, default=256, help="pretext images per GPU step")
     p.add_argument("--step-times", type=float, nargs="+", default=[0.25, 0.5, 1.0],
                    help="lower-step times (s) the loader must keep up with")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="also time the device side here (cuda)")
+    p.add_argument("--device-batch", type=int, default=32, help="images per device-side batch")
     p.add_argument("--out", default="", help="JSON output file")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.images_per_block = 3, 12
+        args.repeats, args.images_per_block, args.device_batch = 3, 12, 16
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {args.device}: only cpu or an available cuda device")
     return args
 
 
@@ -184,6 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "speedup_per_core": {c: r["speedup_per_core"] for c, r in per_size.items()},
         "images_per_s_per_core": {c: r["images_per_s_per_core"] for c, r in per_size.items()},
+        "device_side_ms_per_image": {c: r["device_side_ms_per_image"] for c, r in per_size.items()},
+        "cpu_only_speedup_per_core": {
+            c: r["cpu_only_speedup_per_core"] for c, r in per_size.items()
+        },
         "goals_speedup": GOALS,
         "goals_met": {c: per_size[c]["speedup_per_core"] >= g for c, g in GOALS.items()},
         "workers_per_gpu": {
@@ -217,7 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"{c:>4} px: workers per GPU for {args.batch_per_gpu} images per step: {table}")
     for c, goal in GOALS.items():
         met = "met" if results["goals_met"][c] else "MISSED"
-        log(f"{c:>4} px: speed-up {results['speedup_per_core'][c]:.2f}x, goal >= {goal}x {met}")
+        log(
+            f"{c:>4} px: workers' speed-up {results['speedup_per_core'][c]:.2f}x, goal >= {goal}x "
+            f"{met} (device side also on the CPU core: "
+            f"{results['cpu_only_speedup_per_core'][c]:.2f}x)"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
