@@ -77,6 +77,8 @@ def step_commands(python: str) -> dict[str, list[str]]:
             "--quick",
             "--threads",
             "1",
+            "--device",
+            "cuda",
             "--out",
             str(RESULTS / "gpu_check_data.json"),
         ],
@@ -281,6 +283,10 @@ def summary_lines(data: dict | None, stage: dict | None) -> list[str]:
                 f"({data['speedup_per_core'][crop]:.2f}x the previous pipeline); workers per GPU "
                 f"for 256 images/step: {data['workers_per_gpu'][crop]}"
             )
+            device_side = data.get("device_side_ms_per_image", {}).get(crop, {})
+            if device_side:
+                costs = ", ".join(f"{k} {v:.3f} ms" for k, v in device_side.items())
+                lines.append(f"loader {crop} px: batched augmentation per image: {costs}")
     if stage:
         lines.append(
             f"stage: {stage['stage_s'][-1]:.2f} s; stage / (N_L P + N_U D) = "
