@@ -46,6 +46,7 @@ from pathlib import Path
 
 import bissl_det  # noqa: F401  (compat shims before detectron2)
 from bissl_det.bilevel import (
+    Curvature,
     HessianVectorProduct,
     ProductCurvature,
     RecomputingHessianVectorProduct,
@@ -61,7 +62,16 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.func import functional_call
 
-from .harness import REPO, cpu_has_bf16, machine_info, measure, ratio, write_json
+from .harness import (
+    REPO,
+    OpCounter,
+    cpu_has_bf16,
+    machine_info,
+    measure,
+    ratio,
+    synchronize,
+    write_json,
+)
 
 CONFIGS = {
     "cls": REPO / "configs" / "quick" / "Base-demo-cls.yaml",
@@ -284,6 +294,10 @@ def bench_model(bench: Bench, args: argparse.Namespace, log: Callable[[str], Non
         log(f"  {name:<34} {t[name]['median_s']:8.3f} s  {t[name]['times_s']}")
         return t[name]
 
+    if args.floor_only:
+        out["floor"] = bench_floor(bench, args, run, r, log)
+        return out
+
     # (a) one product vs one pretext forward+backward; one-time graph build.
     run("pretext_fwd_bwd", bench.pretext_forward_backward)
     run("plain_downstream_step", bench.plain_downstream_step)
@@ -339,6 +353,7 @@ def bench_model(bench: Bench, args: argparse.Namespace, log: Callable[[str], Non
     r["functional_over_recomputing_hvp"] = ratio(t["hvp_func"], t["hvp_recomputing_batchstat_bn"])
     if not args.skip_options:
         out["option_notes"] = bench_options(bench, run, t, r)
+    out["floor"] = bench_floor(bench, args, run, r, log)
     return out
 
 
@@ -409,6 +424,152 @@ def bench_options(bench: Bench, run, t: dict, r: dict) -> dict:
         for name in measured:
             r[f"option_{tag}/{name}"] = ratio(t[f"{name}_{tag}"], t[f"{name}_fp32"])
     return notes
+
+
+# ---- (f) operator counts, and the whole stage against its floor --------------------------------
+
+# BISSL.HYPERGRAD of the estimators whose whole stage is put against its floor. "default" is the
+# config's estimator (Hessian, CG 5, truncate) without its diagnostics, which cost products
+# (TRUE_RESIDUAL: one per upper step, EIGEN_STEPS: 8 per stage); "default+diagnostics" with them.
+FLOOR_ESTIMATORS = {
+    "default": {"CURVATURE": "hessian", "SOLVER": "cg", "MAX_ITER": 5,
+                "ON_NEGATIVE_CURVATURE": "truncate", "TRUE_RESIDUAL": False, "EIGEN_STEPS": 0},
+    "default+diagnostics": {"CURVATURE": "hessian", "SOLVER": "cg", "MAX_ITER": 5,
+                            "ON_NEGATIVE_CURVATURE": "truncate", "TRUE_RESIDUAL": True,
+                            "EIGEN_STEPS": 8},
+    "ggn+lanczos5": {"CURVATURE": "ggn", "SOLVER": "lanczos", "BASIS_SIZE": 5, "MAX_ITER": 0,
+                     "TRUE_RESIDUAL": False, "EIGEN_STEPS": 0},
+}  # fmt: skip
+FLOOR_GOAL = 1.15  # issue 18: a stage within 15 % of N_L P + 2 N_U D
+
+
+@contextlib.contextmanager
+def counting_ops() -> Iterator[dict]:
+    """Operators run inside (views excluded, see :class:`OpCounter`), filled in when the block
+    ends: ``total``; ``curvature_products`` (inside ``Curvature.matvec``); ``solver_vectors``
+    (inside ``StageSystem.solve`` but not in a product: the Krylov/Lanczos vector work); and
+    ``steps`` (the rest: passes, optimisers, the curvature graph's build)."""
+    counts: dict = {}
+    matvec, solve = Curvature.matvec, StageSystem.solve
+    in_products, in_solves = OpCounter(), OpCounter()
+
+    def counted(counter: OpCounter, fn: Callable) -> Callable:
+        def wrapped(*a, **kw):
+            with counter:  # nested: the enclosing counters see these operators too
+                return fn(*a, **kw)
+
+        return wrapped
+
+    Curvature.matvec = counted(in_products, matvec)
+    StageSystem.solve = counted(in_solves, solve)
+    try:
+        with OpCounter() as total:
+            yield counts
+    finally:
+        Curvature.matvec, StageSystem.solve = matvec, solve
+    counts.update(
+        total=total.ops,
+        curvature_products=in_products.ops,
+        solver_vectors=in_solves.ops - in_products.ops,
+        steps=total.ops - in_solves.ops,
+        most_frequent=dict(total.by_name.most_common(8)),
+    )
+
+
+@contextlib.contextmanager
+def timing_parts(bench: Bench) -> Iterator[dict]:
+    """Wall time of the stage's parts (summed over its steps): lower steps, the curvature build
+    (``stage_system``), upper steps and, inside them, the solves (products included)."""
+    parts = dict.fromkeys(("lower_steps", "curvature_build", "upper_steps", "solves"), 0.0)
+    trainer = bench.trainer
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapped(*a, **kw):
+            synchronize(bench.device)
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                synchronize(bench.device)
+                parts[name] += time.perf_counter() - start
+
+        return wrapped
+
+    solve = StageSystem.solve
+    trainer.lower_step = timed("lower_steps", trainer.lower_step)
+    trainer.stage_system = timed("curvature_build", trainer.stage_system)
+    trainer.upper_step = timed("upper_steps", trainer.upper_step)
+    StageSystem.solve = timed("solves", solve)
+    try:
+        yield parts
+    finally:
+        del trainer.lower_step, trainer.stage_system, trainer.upper_step
+        StageSystem.solve = solve
+
+
+def configure_estimator(bench: Bench, settings: dict) -> dict:
+    """Set BISSL.HYPERGRAD keys and rebuild the trainer's Hypergradient; returns the old values."""
+    from bissl_det.engine.hypergrad import Hypergradient
+
+    cfg = bench.trainer.cfg
+    old = {key: cfg.BISSL.HYPERGRAD[key] for key in settings}
+    cfg.defrost()
+    for key, value in settings.items():
+        cfg.BISSL.HYPERGRAD[key] = value
+    cfg.freeze()
+    bench.trainer.hypergrad = Hypergradient(cfg, bench.model)
+    return old
+
+
+def bench_floor(bench: Bench, args: argparse.Namespace, run, r: dict, log) -> dict:
+    """Each estimator's stage against ``N_L P + 2 N_U D`` (P, D measured next to it), its
+    operator counts and where the time above the floor goes."""
+    n_l, n_u = bench.cfg.BISSL.LOWER_STEPS, bench.cfg.BISSL.UPPER_STEPS
+    out = {}
+    for name, settings in FLOOR_ESTIMATORS.items():
+        old = configure_estimator(bench, settings)
+        try:
+            p = run(f"P_{name}", bench.plain_pretext_step)["median_s"]
+            d = run(f"D_{name}", bench.plain_downstream_step)["median_s"]
+            with timing_parts(bench) as parts:
+                stage = run(f"stage_{name}", bench.stage, args.stage_repeats, 0)["median_s"]
+            parts = {k: v / args.stage_repeats for k, v in parts.items()}  # per stage
+            with counting_ops() as ops:
+                bench.stage()
+        finally:
+            configure_estimator(bench, old)
+        floor, plain = n_l * p + 2 * n_u * d, n_l * p + n_u * d
+        rest = {  # seconds per stage above the floor, by part
+            "lower_steps_minus_N_L_P": parts["lower_steps"] - n_l * p,
+            "curvature_build": parts["curvature_build"],
+            "solves": parts["solves"],
+            "upper_steps_minus_solves_minus_2_N_U_D": parts["upper_steps"]
+            - parts["solves"]
+            - 2 * n_u * d,
+            "outside_the_steps": stage - sum(parts[k] for k in ("lower_steps", "curvature_build",
+                                                                "upper_steps")),
+        }  # fmt: skip
+        out[name] = {
+            "settings": settings,
+            "P_s": p,
+            "D_s": d,
+            "stage_s": stage,
+            "floor_s": floor,
+            "stage_over_floor": stage / floor,
+            "stage_over_plain_steps": stage / plain,
+            "floor_over_plain_steps": floor / plain,
+            "within_goal": stage / floor <= FLOOR_GOAL,
+            "parts_s": parts,
+            "above_floor_s": rest,
+            "ops_per_stage": ops,
+        }
+        r[f"stage_{name}_over_floor"] = stage / floor
+        log(
+            f"  {name}: stage {stage:.3f} s / floor (N_L P + 2 N_U D = {n_l} x {p:.3f} + "
+            f"2 x {n_u} x {d:.3f}) {floor:.3f} s = {stage / floor:.3f}; ops {ops['total']}, "
+            f"{ops['solver_vectors']} of them solver vector work"
+        )
+    return out
 
 
 # ---- (d) peak memory -------------------------------------------------------------------------
@@ -560,6 +721,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="narrow test ResNet: a smoke run")
     p.add_argument("--skip-options", action="store_true", help="no bf16/channels_last/checkpoint")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--floor-only", action="store_true",
+                   help="only (f): stages against N_L P + 2 N_U D, op counts")  # fmt: skip
     p.add_argument("--memory-extras", action="store_true",
                    help="also the reference and checkpointed upper steps' memory")  # fmt: skip
     p.add_argument("--out", default="", help="JSON output file")

@@ -126,7 +126,12 @@ def tuple_dot(a: TensorTuple, b: TensorTuple) -> torch.Tensor:
 
 def tuple_norm(ts: TensorTuple) -> torch.Tensor:
     """Euclidean norm of a tuple of tensors seen as one vector (0-d, float32 or float64)."""
-    return tuple_dot(ts, ts).sqrt()
+    if len(ts) <= 1:
+        return tuple_dot(ts, ts).sqrt()
+    # One foreach kernel for the per-tensor norms (not one dot per tensor), then their norm.
+    acc = accumulation_dtype(ts[0])
+    norms = torch._foreach_norm(list(ts), 2, dtype=acc)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def tuple_cosine(a: TensorTuple, b: TensorTuple, eps: float = 1e-30) -> torch.Tensor:

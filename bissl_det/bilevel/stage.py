@@ -12,7 +12,8 @@ the Hessian or a PSD stand-in for it (:mod:`.curvature`, :mod:`.fisher`).
 
 :class:`StageSystem` is the one place where a curvature, the damping and a solver of
 :mod:`.registry` become that system: the trainer, the closed-form and finite-difference tests
-and the benchmarks all solve through it. Everything here works on tuples of tensors.
+and the benchmarks all solve through it. Callers pass tuples of tensors; the system is solved on
+one flat buffer (:mod:`.flat`) and ``x`` returned as views of it shaped like ``g``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from .curvature import AllReduce, Curvature, ProductCurvature
+from .flat import FlatLayout, flat_problem
 from .krylov import MatVec, SolveInfo, TensorTuple, tuple_cosine, tuple_norm
 from .lanczos import LanczosBasis, lanczos_extremes
 from .registry import Solver, get_solver
@@ -201,6 +203,20 @@ class StageSystem:
         g = tuple(t.detach() for t in g)
         rhs = (*g, *(torch.zeros_like(h, dtype=g[0].dtype) for h in self.head))
         matvec = self.operator(len(g))
+        exact = self.curvature.solve_damped if self.solver.exact else None
+        exact_solve = None if exact is None else (lambda b: exact(b, self.scale))
+        # Solved on one flat buffer (one kernel per inner product, a basis as one matrix); the
+        # backbone part of x and g is the buffer's first n_g numbers.
+        layout = FlatLayout.of(rhs)
+        n_g = sum(t.numel() for t in g)
+        if layout is not None:
+            matvec, rhs = flat_problem(matvec, rhs, "StageSystem.solve")[:2]
+            if exact_solve is not None:
+                solve_tuple = exact_solve
+
+                def exact_solve(b: TensorTuple) -> TensorTuple:
+                    return (layout.flatten(tuple(solve_tuple(layout.views(b[0])))),)
+
         if self.solver.stage_basis and self._basis is None:
             self._basis = LanczosBasis.build(matvec, rhs, self.basis_size, tol=self.basis_tol)
             theta = self._basis.ritz_values
@@ -209,21 +225,20 @@ class StageSystem:
             low, high, _ = lanczos_extremes(matvec, rhs, self.eigen_steps)
             self.eigen = (low, high)
         start = self.curvature.products
-        exact = self.curvature.solve_damped if self.solver.exact else None
         x, info = self.solver(
-            matvec,
-            rhs,
-            basis=self._basis,
-            exact_solve=None if exact is None else (lambda b: exact(b, self.scale)),
-            **self.options,
+            matvec, rhs, basis=self._basis, exact_solve=exact_solve, **self.options
         )
-        x = tuple(x[: len(g)])
-        g_norm = tuple_norm(g).item()
+        if layout is None:
+            x, x_g, g_flat = tuple(x[: len(g)]), tuple(x[: len(g)]), g
+        else:
+            x_g, g_flat = (x[0][:n_g],), (rhs[0][:n_g],)
+            x = layout.views(x[0])[: len(g)]
+        g_norm = tuple_norm(g_flat).item()
         return x, ImplicitGradInfo(
             solve_info=info,
             products=self.curvature.products - start,
-            cosine=tuple_cosine(x, g).item(),
-            norm_ratio=tuple_norm(x).item() / g_norm if g_norm > 0 else 0.0,
+            cosine=tuple_cosine(x_g, g_flat).item(),
+            norm_ratio=tuple_norm(x_g).item() / g_norm if g_norm > 0 else 0.0,
         )
 
     @property
