@@ -212,3 +212,89 @@ def test_launched_processes_share_the_cores(monkeypatch) -> None:
     assert [threads_per_process(n) for n in (1, 8, 64, 100)] == [64, 8, 1, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice stands
     assert threads_per_process(8) is None
+
+
+# ---- The Fisher history sharded across processes ------------------------------------------------
+
+FISHER_SHAPES = [(3, 4), (5,)]  # 17 coordinates: 9 + 8 columns, the last slice padded
+FISHER_APPENDS = 5  # history 3: the ring wraps
+
+
+def _local_gradients(rank: int) -> list[tuple[torch.Tensor, ...]]:
+    """What rank ``rank`` computes from its own data: its seed's draws, as the tools seed ranks."""
+    torch.manual_seed(1000 + rank)
+    return [
+        tuple(torch.randn(s, dtype=torch.float64) for s in FISHER_SHAPES)
+        for _ in range(FISHER_APPENDS)
+    ]
+
+
+def _fisher_worker(rank: int, init_file: str, out_dir: str, b: tuple) -> None:
+    from bissl_det.bilevel import EmpiricalFisherCurvature
+    from bissl_det.engine.checkpointer import AtomicCheckpointer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        fisher = EmpiricalFisherCurvature(history_size=3, device="cpu")
+        for local in _local_gradients(rank):
+            fisher.append(du.all_reduce_mean(local))  # as the trainer: averaged, then appended
+        out = {
+            "solve": fisher.solve_damped(b, 0.7),
+            "matvec": fisher.matvec(b),
+            "history": fisher.history(),
+            "gram": fisher.state_dict()["gram"].clone(),
+            "shard_state": fisher.state_dict(),  # this rank's columns only
+        }
+        # A checkpoint through the trainer's checkpointer: rank 0 writes the whole history.
+        model = nn.Linear(2, 2)
+        AtomicCheckpointer(model, out_dir, fisher_history=fisher).save("model_final")
+        dist.barrier()
+        restored = EmpiricalFisherCurvature(history_size=3, device="cpu")
+        AtomicCheckpointer(model, out_dir, fisher_history=restored).load(
+            str(Path(out_dir) / "model_final.pth")
+        )
+        out["restored_solve"] = restored.solve_damped(b, 0.7)
+        torch.save(out, Path(out_dir) / f"fisher{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_sharded_fisher_two_processes_match_one(tmp_path: Path) -> None:
+    from bissl_det.bilevel import EmpiricalFisherCurvature
+
+    gen = torch.Generator().manual_seed(3)
+    b = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in FISHER_SHAPES)
+    reference = EmpiricalFisherCurvature(history_size=3, device="cpu")
+    for grads in zip(*(_local_gradients(r) for r in range(WORLD)), strict=True):
+        reference.append(tuple(sum(g) / WORLD for g in zip(*grads, strict=True)))
+    expected = {
+        "solve": reference.solve_damped(b, 0.7),
+        "matvec": reference.matvec(b),
+    }
+    mp.spawn(_fisher_worker, args=(str(tmp_path / "init"), str(tmp_path), b), nprocs=WORLD)
+    outs = [torch.load(tmp_path / f"fisher{r}.pt") for r in range(WORLD)]
+    tol = {"rtol": 1e-12, "atol": 1e-12}
+    for out in outs:
+        for key in ("solve", "matvec", "restored_solve"):
+            want = expected["solve" if key == "restored_solve" else key]
+            for x, y in zip(out[key], want, strict=True):
+                torch.testing.assert_close(x, y, **tol)
+        torch.testing.assert_close(out["gram"], reference.state_dict()["gram"], **tol)
+        for held, ref in zip(out["history"], reference.history(), strict=True):
+            for x, y in zip(held, ref, strict=True):
+                torch.testing.assert_close(x, y, **tol)
+    # Each rank held 9 of the 17 columns (rank 1: 8 and a padding column), not all of them.
+    assert [o["shard_state"]["columns"] for o in outs] == [(0, 9), (9, 17)]
+    assert [tuple(o["shard_state"]["slots"].shape) for o in outs] == [(3, 9), (3, 8)]
+    # The checkpoint holds the whole history: one process resumes from it exactly ...
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=False)["fisher_history"]
+    assert saved["columns"] is None and tuple(saved["slots"].shape) == (3, 17)
+    one = EmpiricalFisherCurvature(history_size=3)
+    one.load_state_dict(saved)
+    for x, y in zip(one.solve_damped(b, 0.7), expected["solve"], strict=True):
+        torch.testing.assert_close(x, y, **tol)
+    # ... and one rank's shard alone is refused, not read as the whole history.
+    with pytest.raises(ValueError, match=r"columns \(9, 17\).*needs \(0, 17\)"):
+        EmpiricalFisherCurvature(history_size=3).load_state_dict(outs[1]["shard_state"])

@@ -12,6 +12,7 @@ File handling (atomic writes, safe reads, backbone export/import) lives in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -59,7 +60,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if isinstance(progress, TrainingProgress) and comm.get_world_size() > 1:
             progress.rank_rng = comm.gather(rng_state(), dst=0) or None
         try:
-            self._write(name, tag=True, **kwargs)
+            with contextlib.ExitStack() as gathered:
+                # State held in shards across ranks (the Fisher history) is gathered onto rank 0.
+                for obj in self.checkpointables.values():
+                    if hasattr(obj, "gathered_for_checkpoint"):
+                        gathered.enter_context(obj.gathered_for_checkpoint())
+                self._write(name, tag=True, **kwargs)
         finally:
             if isinstance(progress, TrainingProgress):
                 progress.rank_rng = None
