@@ -26,14 +26,15 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The whole suite (CI): lint, unit tests, tools as processes, gloo process groups, slow runs.
+# The whole suite (CI): lint, unit tests, tools as processes, gloo process groups, slow runs; one
+# pytest worker per core (tests/conftest.py shares the cores' threads out among them).
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 # The edit loop: tests in this process only (no tools as processes, no process groups, no long
 # runs); under 3 minutes on 2 cores.
 test-quick: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not dist and not e2e and not gpu"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist worksteal -m "not slow and not dist and not e2e and not gpu"
 
 demo: install
 	$(PY) tools/run_demo.py

@@ -30,6 +30,6 @@ setup(
     extras_require={
         # submitit: tools/submit.py (Slurm); optuna: parallel hyper-parameter search.
         "cluster": ["submitit>=1.5", "optuna>=4"],
-        "dev": ["pytest", "ruff", "submitit>=1.5", "optuna>=4"],
+        "dev": ["pytest", "pytest-xdist>=3.5", "ruff", "submitit>=1.5", "optuna>=4"],
     },
 )

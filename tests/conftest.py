@@ -5,13 +5,26 @@ What tests import (paths, tiny configs, the config builder) is in ``tests/helper
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import bissl_det  # noqa: F401  (shims before detectron2)
 from bissl_det.data.demo import make_demo_data
+from bissl_det.utils.distributed import cores_each
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) the workers share the cores: each, and every process it
+    launches, gets cores / workers threads (OMP_NUM_THREADS, which the launcher respects)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = cores_each(workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +58,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+OTHER_PROCESS_MARKS = ("e2e", "dist", "slow")
+
+
+@pytest.fixture(autouse=True)
+def _other_processes_are_marked(request):
+    """``make test-quick`` runs the tests that need this process only: a test that starts Python
+    in another process (a tool, a launcher) says so with an ``e2e`` or ``dist`` mark."""
+    if any(request.node.get_closest_marker(mark) for mark in OTHER_PROCESS_MARKS):
+        yield
+        return
+    started, real_init = [], subprocess.Popen.__init__
+
+    def spy(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        if argv and "python" in os.path.basename(str(argv[0])):
+            started.append(" ".join(map(str, argv))[:160])
+        real_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = spy
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = real_init
+    if started:
+        pytest.fail(f"started another Python process ({started[0]}): mark the test e2e or dist")

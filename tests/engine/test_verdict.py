@@ -79,6 +79,7 @@ def test_indefinite_stage_asks_for_ggn_or_a_damping():
     assert 1 + c_min / (0.001 + 80.007) == pytest.approx(0.5, abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_bissl_run_on_an_indefinite_system_warns_and_counts(in_demo_workdir, tmp_path):
     """Near init with the Hessian and no damping, A = I + H / lambda is indefinite."""
     out = tmp_path / "run"

@@ -8,6 +8,7 @@ from pathlib import Path
 import bissl_det  # noqa: F401  (compat shims before detectron2)
 from bissl_det.modeling.sync_bn import Float32StatsSyncBatchNorm, use_float32_sync_bn_statistics
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -55,6 +56,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_bf16_sync_bn_statistics_equal_fp32_on_two_processes(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]

@@ -65,6 +65,7 @@ def _coco_datasets(coco: Path, demo_workdir: Path, test_json: str) -> str:
     )
 
 
+@pytest.mark.e2e
 def test_coco_test_set_with_other_category_ids_is_refused(demo_workdir, tmp_path, coco):
     data = json.loads((coco / "instances_test.json").read_text())
     swap = {1: 2, 2: 1}  # same images and boxes; circle and square swap their ids
@@ -84,6 +85,7 @@ def test_coco_test_set_with_other_category_ids_is_refused(demo_workdir, tmp_path
     )
 
 
+@pytest.mark.e2e
 def test_coco_box_coordinates_given_as_strings_are_refused(demo_workdir, tmp_path, coco):
     data = json.loads((coco / "instances_test.json").read_text())
     data["annotations"][0]["bbox"] = [str(v) for v in data["annotations"][0]["bbox"]]
@@ -110,12 +112,14 @@ def voc(demo_workdir, tmp_path) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_voc_class_list_with_whitespace_is_refused(demo_workdir, tmp_path, voc):
     padded = ["circle ", *CLASSES[1:]]
     done = _finetune(_config(tmp_path, _voc_datasets(voc, padded)), demo_workdir)
     _refused(done, "surrounding whitespace", "'circle '", out=tmp_path / "out")
 
 
+@pytest.mark.e2e
 def test_voc_xml_class_name_with_whitespace_is_refused(demo_workdir, tmp_path, voc):
     first = (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split()[0]
     xml = voc / "Annotations" / f"{first}.xml"
@@ -126,6 +130,7 @@ def test_voc_xml_class_name_with_whitespace_is_refused(demo_workdir, tmp_path, v
     _refused(done, str(xml), "surrounding whitespace", out=tmp_path / "out")
 
 
+@pytest.mark.e2e
 def test_voc_splits_with_classes_in_another_order_are_refused(demo_workdir, tmp_path, voc):
     reordered = [CLASSES[1], CLASSES[0], *CLASSES[2:]]
     done = _finetune(_config(tmp_path, _voc_datasets(voc, reordered)), demo_workdir)

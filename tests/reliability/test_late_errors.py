@@ -31,6 +31,7 @@ def _finetune(out, *opts, cwd, preexec_fn=None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "opts, named",
     [
@@ -61,6 +62,7 @@ def _small_disk(limit: int):
     return apply
 
 
+@pytest.mark.e2e
 def test_a_full_disk_mid_run_names_the_file_and_keeps_earlier_files(demo_workdir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

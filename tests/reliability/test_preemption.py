@@ -38,6 +38,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
 def test_loader_workers_ignore_signals_from_others_but_end_on_their_parents(context):
     loader = DataLoader(
@@ -64,6 +65,7 @@ def test_loader_workers_ignore_signals_from_others_but_end_on_their_parents(cont
     assert not _alive(worker.pid) and worker.exitcode == 0
 
 
+@pytest.mark.e2e
 def test_without_the_wrapper_a_loader_worker_dies_of_a_schedulers_sigterm():
     """The failure the wrapper prevents (torch's own worker handler re-raises SIGTERM)."""
     # The forked worker inherits this process's handler: make it the default one, whatever an
@@ -103,6 +105,7 @@ def test_a_second_signal_while_stopping_does_not_raise_again():
         time.sleep(1)
 
 
+@pytest.mark.e2e
 def test_forwarder_replays_signals_received_before_its_child_started(tmp_path):
     marker = tmp_path / "got"
     child = (

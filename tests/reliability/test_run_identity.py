@@ -54,6 +54,7 @@ def refused(done, *needles: str) -> str:
     return output
 
 
+@pytest.mark.e2e
 def test_run_json_names_the_tool_kind_and_identity(finished_bissl):
     record = json.loads((finished_bissl / "run.json").read_text())
     assert (record["tool"], record["kind"]) == ("train_bissl", "bissl")
@@ -63,6 +64,7 @@ def test_run_json_names_the_tool_kind_and_identity(finished_bissl):
     assert export["downstream_classes"] == ["circle", "square", "triangle", "cross"]
 
 
+@pytest.mark.e2e
 def test_finetuning_into_a_bissl_folder_is_refused(demo_workdir, bissl_dir):
     out, before = bissl_dir
     done = run(
@@ -76,6 +78,7 @@ def test_finetuning_into_a_bissl_folder_is_refused(demo_workdir, bissl_dir):
     survived(before, out)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "change, named",
     [
@@ -106,6 +109,7 @@ def test_resume_with_a_changed_logging_period_is_allowed():
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("planted", ["pretraining", "foreign"])
 def test_resume_refuses_a_checkpoint_of_another_kind(demo_workdir, bissl_dir, planted):
     out, _ = bissl_dir
@@ -123,6 +127,7 @@ def test_resume_refuses_a_checkpoint_of_another_kind(demo_workdir, bissl_dir, pl
     survived(before, out)
 
 
+@pytest.mark.e2e
 def test_outputs_without_run_json_are_not_overwritten(demo_workdir, bissl_dir):
     out, _ = bissl_dir
     (out / "run.json").unlink()  # a folder written by an earlier version
@@ -132,6 +137,7 @@ def test_outputs_without_run_json_are_not_overwritten(demo_workdir, bissl_dir):
     survived(before, out)
 
 
+@pytest.mark.e2e
 def test_overwrite_is_explicit_and_recorded(demo_workdir, bissl_dir):
     out, _ = bissl_dir
     done = run(

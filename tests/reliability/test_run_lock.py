@@ -48,6 +48,7 @@ def holder(tmp_path):
     process.wait()
 
 
+@pytest.mark.e2e
 def test_second_run_is_refused_naming_folder_and_holder(holder):
     out, process = holder
     with pytest.raises(OutputDirInUse) as err:
@@ -58,6 +59,7 @@ def test_second_run_is_refused_naming_folder_and_holder(holder):
     assert str(out) in message.split(": ", 1)[1]  # the holder's command line
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_real_second_tool_run_stops_before_writing(holder, demo_workdir):
     out, process = holder
@@ -71,6 +73,7 @@ def test_a_real_second_tool_run_stops_before_writing(holder, demo_workdir):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+@pytest.mark.e2e
 def test_lock_is_free_once_the_holder_is_killed(holder):
     out, process = holder
     process.send_signal(signal.SIGKILL)
@@ -83,6 +86,7 @@ def test_lock_is_free_once_the_holder_is_killed(holder):
     assert (out / LOCK_NAME).read_text() == ""
 
 
+@pytest.mark.e2e
 def test_same_process_reuses_its_lock_and_others_see_it(tmp_path):
     """Runs one after another in one process (tests) share the folder; other processes do not."""
     lock = lock_output_dir(tmp_path)
@@ -132,6 +136,7 @@ def test_stray_temporary_files_are_removed_at_start(in_demo_workdir, tmp_path):
     assert remove_stray_temp_files(out) == []
 
 
+@pytest.mark.e2e
 def test_setup_takes_the_lock(in_demo_workdir, holder):
     from bissl_det.runtime.setup import setup
 

@@ -80,6 +80,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "change, named",
     [
@@ -107,6 +108,7 @@ def test_aggregate_refuses_a_run_that_differs_and_records_an_allowed_mix(tmp_pat
     assert check["allowed_mix"] and named in check["differences"][0]
 
 
+@pytest.mark.e2e
 def test_seeds_of_one_experiment_aggregate_without_a_flag(tmp_path):
     paths = _write(tmp_path, "run", [_record(0, 50.0), _record(1, 52.0), _record(2, 54.0)])
     done = _tool("aggregate_seeds.py", *paths, "--out", tmp_path / "s.json")
@@ -116,6 +118,7 @@ def test_seeds_of_one_experiment_aggregate_without_a_flag(tmp_path):
     assert record["provenance_check"] == {"allowed_mix": False, "differences": []}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("tool", ["aggregate_seeds.py", "compare_runs.py"])
 def test_a_metric_missing_in_one_file_is_named_even_with_allow_mix(tmp_path, tool):
     lacking = _record(1, 52.0, metrics={"voc_test": {"AP": 52.0}})
@@ -130,6 +133,7 @@ def test_a_metric_missing_in_one_file_is_named_even_with_allow_mix(tmp_path, too
     assert str(paths[1]) in done.stderr and "missing ['voc_test/AP50']" in done.stderr
 
 
+@pytest.mark.e2e
 def test_compare_refuses_groups_with_other_test_data(tmp_path):
     base = _write(tmp_path, "base", [_record(0, 40.0), _record(1, 41.0)])
     other = {**DATA, "test": {"voc_test_2012": 100}}
@@ -157,6 +161,7 @@ def test_compare_refuses_a_treatment_group_that_mixes_configs(tmp_path):
 # ---- A search study reused with other data or another schedule -----------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "change, named",
     [

@@ -158,6 +158,7 @@ def test_batch_sizes_are_checked_for_the_jobs_processes(in_demo_workdir, tmp_pat
     assert not jobs.exists() or not any(jobs.rglob("*"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("flags", "cpus", "mem"),
     [([], 2 * (5 + 1), 2 * (8 + 2 * 5)), (["--cpus-per-task", "7", "--mem", "99"], 7, 99)],
