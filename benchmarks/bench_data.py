@@ -121,7 +121,8 @@ def device_seconds_per_image(
     process time (one core at ``--threads 1``); CUDA: wall time between synchronisations."""
     aug, n = transform.aug, args.device_batch
     views = [transform(read_rgb(paths[i % len(paths)])) for i in range(n)]
-    batch = [PretextView(*(t.to(device) for t in v)) for v in default_collate(views)]
+    # Pixels on the device, parameters on the host: as pretext_batch_to_device passes them.
+    batch = [PretextView(v.pixels.to(device), v.params) for v in default_collate(views)]
 
     def step() -> None:
         for view in batch:

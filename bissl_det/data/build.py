@@ -134,8 +134,8 @@ def pretext_batch_to_device(
     for item in batch:
         if isinstance(item, PretextView):
             pixels = item.pixels.to(device, non_blocking=True)
-            params = item.params.to(device, non_blocking=True)
-            out.append(normalise_pixels(augment_views(pixels, params), mean, std))
+            # The parameters stay on the host: they say which rows take which operation.
+            out.append(normalise_pixels(augment_views(pixels, item.params), mean, std))
         elif item.dtype == torch.uint8:
             out.append(normalise_pixels(item.to(device, non_blocking=True), mean, std))
         else:

@@ -236,7 +236,7 @@ def augment_views(pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     params = params.detach().to("cpu", torch.float32)
     images = pixels.to(torch.float32).div_(255.0)
     colour_jitter(images, params[:, :4], params[:, ORDER].long())
-    _on_rows(images, params[:, GRAY] > 0, lambda x: grayscale(x).expand_as(x))
+    _on_rows(images, params[:, GRAY] > 0, lambda x: grayscale(x).expand_as(x).contiguous())
     kernel = blur_kernel_size(images.shape[-1])
     _on_rows(
         images, params[:, BLUR] > 0, lambda x, s: gaussian_blur(x, s, kernel), params[:, SIGMA]

@@ -212,3 +212,35 @@ def test_draws_follow_the_augmentation_settings() -> None:
     p = torch.stack([draw_view_params(off, 0) for _ in range(50)])
     assert ((p[:, ORDER] == 1) | (p[:, ORDER] == HUE)).sum() == 0
     assert ((p[:, ORDER] >= 0).sum(dim=1) == 2).all()
+
+
+def test_no_work_per_image_on_the_device_path() -> None:
+    """The operators augment_views dispatches do not grow with the batch: the same count for 8
+    and 64 views with every operation at every position of the order (a loop over images would
+    multiply it by 8)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def params(n: int) -> torch.Tensor:
+        p = torch.zeros(n, NUM_PARAMS)
+        p[:, :4] = torch.tensor([1.2, 0.8, 1.5, 0.05])
+        p[:, ORDER] = torch.stack([torch.arange(4).roll(k) for k in range(n)]).float()  # cyclic
+        p[::2, GRAY] = p[::2, BLUR] = p[1::2, SOLARIZE] = 1.0
+        p[:, SIGMA] = 1.0
+        return p
+
+    counts = []
+    for n in (8, 64):
+        pixels, p = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8), params(n)
+        with CountOps() as mode:
+            augment_views(pixels, p)
+        counts.append(mode.count)
+    assert counts[0] == counts[1] and counts[0] > 50
