@@ -146,7 +146,9 @@ def device_seconds_per_image(
 def bench_size(crop: int, paths: list[Path], args: argparse.Namespace, log) -> dict:
     aug = TwoViewAugmentation(crop_size=crop)
     pipelines = {"old": ReferenceTwoView(aug), "new": TwoViewTransform(aug)}
-    runs = {name: (lambda p, t=t: t(read_rgb(p))) for name, t in pipelines.items()}
+    # The loader's dataset calls the new transform's read (JPEGs at reduced scale where the
+    # crops allow); the old pipeline got the fully decoded image.
+    runs = {"old": lambda p: pipelines["old"](read_rgb(p)), "new": pipelines["new"].read}
     runs["decode_only"] = read_rgb
     times: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():  # warm-up: first calls allocate and import lazily

@@ -18,6 +18,7 @@ the annotations refer to.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 from detectron2.data.detection_utils import convert_PIL_to_numpy
@@ -113,10 +114,25 @@ def _scale_16bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
 
 
-def _decode(path: str) -> Image.Image:
+def _draft(image: Image.Image, reduction: Callable[[tuple[int, int]], int]) -> None:
+    """Let a JPEG decode at 1/k of its size (libjpeg's scaled IDCT, k in 2, 4, 8), with
+    ``k = reduction((width, height))`` of the EXIF-oriented image; other formats decode whole.
+
+    Only unrotated JPEGs: the reduced image's last row and column cover a partial block, which
+    a flip or rotation moves to the start of an axis (a shift of up to k - 1 source pixels)."""
+    orientation = image.getexif().get(0x0112, 1)
+    size = image.size[::-1] if orientation in _SWAPPING_ORIENTATIONS else image.size
+    k = reduction(size)
+    if k > 1 and image.format == "JPEG" and orientation == 1:
+        image.draft(image.mode, (image.width // k, image.height // k))
+
+
+def _decode(path: str, reduction: Callable[[tuple[int, int]], int] | None = None) -> Image.Image:
     """The fully decoded, EXIF-oriented, 8-bit image; every failure names ``path``."""
     try:
         with _open(path) as image:
+            if reduction is not None:
+                _draft(image, reduction)
             image.load()  # the full decode happens here, inside the try
             sixteen_bit = _is_16bit(image)
             image = ImageOps.exif_transpose(image)
@@ -130,13 +146,22 @@ def _decode(path: str) -> Image.Image:
     return _scale_16bit(image) if sixteen_bit else image
 
 
-def read_rgb(path: str | os.PathLike) -> Image.Image:
+def read_rgb(
+    path: str | os.PathLike, reduction: Callable[[tuple[int, int]], int] | None = None
+) -> Image.Image:
     """An image file as an 8-bit RGB PIL image (pretext and classification loaders).
+
+    Args:
+        path: The image file.
+        reduction: Called once with the EXIF-oriented ``(width, height)`` from the header,
+            before the decode; a JPEG without EXIF rotation is then decoded at about 1/k of
+            that size for a returned k of 2, 4 or 8 (JPEG draft mode: the pretext views when
+            their crops are large).
 
     Raises:
         ImageReadError: Undecodable, truncated, too large or unscalable; names the file.
     """
-    return _decode(os.fspath(path)).convert("RGB")
+    return _decode(os.fspath(path), reduction).convert("RGB")
 
 
 def read_image_array(path: str | os.PathLike, image_format: str = "RGB") -> np.ndarray:

@@ -124,8 +124,13 @@ class TwoViewAugmentation:
 
 
 def pixels_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a ``(3, H, W)`` uint8 tensor (a copy: PIL's buffer is read-only)."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    """An RGB PIL image as a ``(3, H, W)`` uint8 tensor (a copy: PIL's buffer is read-only).
+
+    numpy's transposing copy: 0.09 ms at 224 px, where torch's ``permute().contiguous()`` of
+    the same bytes took 0.16 ms."""
+    return torch.from_numpy(
+        np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    )
 
 
 def normalise_pixels(
@@ -179,7 +184,8 @@ class TwoViewTransform:
     pixels and the view's random colour/blur parameters.
 
     The worker does what needs the whole image: crop and resize in one ``Image.resize(box=...)``
-    (the box from :func:`random_crop_box`, RandomResizedCrop's distribution) and the flip.
+    (the box from :func:`random_crop_box`, RandomResizedCrop's distribution) and the flip;
+    :meth:`read` also reads the file, a JPEG at reduced scale where both crops allow.
     Colour jitter, grayscale, Gaussian blur (sigma ~ U(0.1, 2.0) on the authors' kernel of 10 %
     of the crop) and solarisation are drawn here (:func:`~.view_augment.draw_view_params`) and
     applied to the batch on the device (:func:`~.view_augment.augment_views`, called by
@@ -192,19 +198,52 @@ class TwoViewTransform:
         self.aug = aug if aug is not None else TwoViewAugmentation()
         self.resample = _RESAMPLE[self.aug.interpolation]
 
-    def view(self, image: Image.Image, view: int) -> PretextView:
-        """One view (0 or 1) of an RGB image: cropped, resized, flipped; its other draws."""
+    def boxes(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
+        """The two views' crop boxes ``(top, left, height, width)`` in an image of this size."""
+        aug = self.aug
+        return [random_crop_box(width, height, aug.crop_scale, aug.crop_ratio) for _ in range(2)]
+
+    def reduction(self, boxes: Sequence[tuple[int, int, int, int]]) -> int:
+        """The largest k in 1, 2, 4, 8 with every box at least k crop sizes on each side: a
+        JPEG decoded at 1/k still gives each view more pixels than it keeps (no upsampling)."""
+        smallest = min(min(h, w) for _, _, h, w in boxes)
+        return next((k for k in (8, 4, 2) if smallest >= k * self.aug.crop_size), 1)
+
+    def views(
+        self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]], scale: int = 1
+    ) -> tuple[PretextView, PretextView]:
+        """The two views from ``boxes`` drawn on an image ``scale`` times as large as ``image``:
+        crop + resize in one ``Image.resize(box=...)`` (sub-pixel boxes when scaled), flip, and
+        the draw of each view's colour/blur parameters."""
         aug, size = self.aug, self.aug.crop_size
-        top, left, h, w = random_crop_box(*image.size, aug.crop_scale, aug.crop_ratio)
-        out = image.resize((size, size), self.resample, box=(left, top, left + w, top + h))
-        if draw(aug.flip_p):
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return PretextView(pixels_to_tensor(out), draw_view_params(aug, view))
+        out = []
+        for view, (top, left, h, w) in enumerate(boxes):
+            box = tuple(v / scale for v in (left, top, left + w, top + h))
+            pixels = image.resize((size, size), self.resample, box=box)
+            if draw(aug.flip_p):
+                pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            out.append(PretextView(pixels_to_tensor(pixels), draw_view_params(aug, view)))
+        return out[0], out[1]
 
     def __call__(self, image: Image.Image) -> tuple[PretextView, PretextView]:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return self.view(image, 0), self.view(image, 1)
+        return self.views(image, self.boxes(*image.size))
+
+    def read(self, path: str | os.PathLike) -> tuple[PretextView, PretextView]:
+        """Read an image file (``read_rgb``) and make its two views. The boxes are drawn from
+        the header's size before the decode, so a JPEG whose crops are both at least 2, 4 or 8
+        times the crop size decodes at that fraction (:meth:`reduction`; at 96 px most crops of
+        a 500x375 image: a faster decode and a quarter of the pixels to resize)."""
+        drawn: dict = {}
+
+        def reduction(size: tuple[int, int]) -> int:
+            drawn["size"], drawn["boxes"] = size, self.boxes(*size)
+            return self.reduction(drawn["boxes"])
+
+        image = read_rgb(path, reduction)
+        scale = max(1, round(drawn["size"][0] / image.width))  # 1/k scale decodes ceil(w / k)
+        return self.views(image, drawn["boxes"], scale)
 
     def __repr__(self) -> str:
         return f"TwoViewTransform({self.aug})"
@@ -251,7 +290,9 @@ class UnlabeledImages(Dataset):
 
     Args:
         paths: Image files (e.g. from :func:`find_images`).
-        transform: Applied to the RGB PIL image; None returns the image itself.
+        transform: Applied to the RGB PIL image; None returns the image itself. A transform
+            with a ``read(path)`` method reads the file itself (:meth:`TwoViewTransform.read`:
+            JPEGs at reduced scale where the crops allow), with the same corrupt-file policy.
         max_bad_fraction: Tolerated fraction of undecodable files.
     """
 
@@ -286,10 +327,14 @@ class UnlabeledImages(Dataset):
         """Number of distinct files that failed to decode so far (in this process)."""
         return len(self._bad)
 
-    def _load(self, index: int) -> Image.Image | None:
+    def _load(self, index: int):
+        """The sample at ``index``, or None for an unreadable file (counted, logged)."""
         path = path_at(self.paths, index)
+        read_views = getattr(self.transform, "read", None)
         try:
-            return read_rgb(path)
+            if read_views is not None:
+                return read_views(path)  # the transform reads the file (TwoViewTransform.read)
+            image = read_rgb(path)
         except ImageTooLargeError:
             raise  # not a corrupt file: a limit to raise, or a file to remove (never skipped)
         except ImageReadError as e:
@@ -303,6 +348,7 @@ class UnlabeledImages(Dataset):
                     f"{self.max_bad_fraction}); last bad files: {last}"
                 ) from e
             return None
+        return self.transform(image) if self.transform is not None else image
 
     def __getitem__(self, index: int):
         n = len(self)
@@ -310,9 +356,9 @@ class UnlabeledImages(Dataset):
             i = (index + k) % n
             if i in self._bad:
                 continue
-            image = self._load(i)
-            if image is not None:
-                return self.transform(image) if self.transform is not None else image
+            sample = self._load(i)
+            if sample is not None:
+                return sample
         raise RuntimeError(f"UnlabeledImages: no decodable image among {n} files")
 
 

@@ -380,3 +380,58 @@ def test_crop_box_has_torchvision_distribution(size: tuple[int, int]) -> None:
     assert random_crop_box(1000, 10, scale, ratio) == RandomResizedCrop.get_params(
         flat, scale, ratio
     )
+
+
+def _jpeg(path: Path, orientation: int = 1) -> Path:
+    """A 500x375 JPEG of smooth colour fields and fine texture, optionally EXIF-rotated."""
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(low).resize((500, 375), Image.Resampling.BICUBIC))
+    pixels = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=90, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_read_decodes_jpegs_at_reduced_scale_with_the_same_views(tmp_path, orientation) -> None:
+    """TwoViewTransform.read (boxes drawn from the header, JPEG draft mode) against the views of
+    the fully decoded image with the same draws: the same boxes (EXIF rotation included), flips
+    and parameters; pixels within 2 levels on average (libjpeg's scaled decode filters
+    differently), exactly equal where nothing is drafted (EXIF-rotated JPEG, PNG)."""
+    from bissl_det.data.images import read_rgb
+
+    path = _jpeg(tmp_path / "image.jpg", orientation)
+    transform = TwoViewTransform(TwoViewAugmentation(crop_size=96))
+    reduced, diffs = 0, []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        fast = transform.read(path)
+        torch.manual_seed(seed)
+        image = read_rgb(path)
+        boxes = transform.boxes(*image.size)
+        reduced += transform.reduction(boxes) > 1
+        full = transform.views(image, boxes)
+        for a, b in zip(fast, full, strict=True):
+            assert torch.equal(a.params, b.params)
+            diffs.append((a.pixels.float() - b.pixels.float()).abs().mean().item())
+    assert image.size == ((375, 500) if orientation == 6 else (500, 375))
+    assert 3 <= reduced < 12  # both kinds of draws happen
+    if orientation == 6:  # rotated: decoded whole, the same views
+        assert max(diffs) == 0.0
+    else:  # measured 0.6-1.1; a box one source pixel off (the rotated case drafted) gives 5
+        assert max(diffs) < 2.0 and np.mean(diffs) > 0.1, diffs
+    # A PNG is decoded whole: read gives exactly the views of the decoded image.
+    png = tmp_path / "image.png"
+    Image.open(path).save(png)
+    torch.manual_seed(0)
+    fast = transform.read(png)
+    torch.manual_seed(0)
+    full = transform(read_rgb(png))
+    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(fast, full, strict=True))
+    # The data set reads through the transform.
+    torch.manual_seed(0)
+    from_dataset = UnlabeledImages([path], transform)[0]
+    torch.manual_seed(0)
+    assert torch.equal(from_dataset[0].pixels, transform.read(path)[0].pixels)
