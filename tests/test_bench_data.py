@@ -22,6 +22,9 @@ def test_bench_data_writes_the_issue_keys(tmp_path: Path) -> None:
         assert record["speedup_per_core"][crop] > 0
         assert set(record["images_per_s_per_core"][crop]) == {"old", "new"}
         assert all(n >= 1 for n in record["workers_per_gpu"][crop].values())
+        # The batched augmentation is timed apart from the workers, on the CPU.
+        assert record["device_side_ms_per_image"][crop]["cpu"] > 0
+        assert 0 < record["cpu_only_speedup_per_core"][crop] < record["speedup_per_core"][crop]
     assert record["provenance"]["git"] and record["settings"]["threads"] == 1
 
 
