@@ -25,6 +25,9 @@ Figures (see benchmarks/README.md for the definitions and the last results):
   CPU: peak RSS of fresh subprocesses minus that of a process that only built the model);
 * (e) double-backward product vs ``torch.func`` forward-over-reverse (``functional_hvp``), with
   BatchNorm using batch statistics and not updating running statistics for both;
+* (f) each estimator's stage against its floor ``N_L P + 2 N_U D`` (P, D: plain pretext and
+  downstream steps measured next to it), where the time above it goes, and the ATen operators
+  of one stage (products, solver vector work, the rest);
 * options: bf16 autocast of the first-order passes (products and CG stay fp32), channels_last,
   activation checkpointing of every ResNet block, applied by wrapping, not by editing the trainer.
 """
@@ -37,6 +40,7 @@ import itertools
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +67,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .harness import (
+    CLOCKS,
     REPO,
     OpCounter,
     cpu_has_bf16,
@@ -295,7 +300,7 @@ def bench_model(bench: Bench, args: argparse.Namespace, log: Callable[[str], Non
         return t[name]
 
     if args.floor_only:
-        out["floor"] = bench_floor(bench, args, run, r, log)
+        out["floor"] = bench_floor(bench, args, t, r, log)
         return out
 
     # (a) one product vs one pretext forward+backward; one-time graph build.
@@ -353,7 +358,7 @@ def bench_model(bench: Bench, args: argparse.Namespace, log: Callable[[str], Non
     r["functional_over_recomputing_hvp"] = ratio(t["hvp_func"], t["hvp_recomputing_batchstat_bn"])
     if not args.skip_options:
         out["option_notes"] = bench_options(bench, run, t, r)
-    out["floor"] = bench_floor(bench, args, run, r, log)
+    out["floor"] = bench_floor(bench, args, t, r, log)
     return out
 
 
@@ -453,8 +458,11 @@ def counting_ops() -> Iterator[dict]:
     matvec, solve = Curvature.matvec, StageSystem.solve
     in_products, in_solves = OpCounter(), OpCounter()
 
+    calls = {in_products: 0, in_solves: 0}
+
     def counted(counter: OpCounter, fn: Callable) -> Callable:
         def wrapped(*a, **kw):
+            calls[counter] += 1
             with counter:  # nested: the enclosing counters see these operators too
                 return fn(*a, **kw)
 
@@ -468,6 +476,8 @@ def counting_ops() -> Iterator[dict]:
     finally:
         Curvature.matvec, StageSystem.solve = matvec, solve
     counts.update(
+        products=calls[in_products],
+        solves=calls[in_solves],
         total=total.ops,
         curvature_products=in_products.ops,
         solver_vectors=in_solves.ops - in_products.ops,
@@ -477,7 +487,7 @@ def counting_ops() -> Iterator[dict]:
 
 
 @contextlib.contextmanager
-def timing_parts(bench: Bench) -> Iterator[dict]:
+def timing_parts(bench: Bench, clock: Callable[[], float]) -> Iterator[dict]:
     """Wall time of the stage's parts (summed over its steps): lower steps, the curvature build
     (``stage_system``), upper steps and, inside them, the solves (products included)."""
     parts = dict.fromkeys(("lower_steps", "curvature_build", "upper_steps", "solves"), 0.0)
@@ -486,12 +496,12 @@ def timing_parts(bench: Bench) -> Iterator[dict]:
     def timed(name: str, fn: Callable) -> Callable:
         def wrapped(*a, **kw):
             synchronize(bench.device)
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*a, **kw)
             finally:
                 synchronize(bench.device)
-                parts[name] += time.perf_counter() - start
+                parts[name] += clock() - start
 
         return wrapped
 
@@ -521,19 +531,28 @@ def configure_estimator(bench: Bench, settings: dict) -> dict:
     return old
 
 
-def bench_floor(bench: Bench, args: argparse.Namespace, run, r: dict, log) -> dict:
-    """Each estimator's stage against ``N_L P + 2 N_U D`` (P, D measured next to it), its
-    operator counts and where the time above the floor goes."""
+def bench_floor(bench: Bench, args: argparse.Namespace, t: dict, r: dict, log) -> dict:
+    """Each estimator's stage against ``N_L P + 2 N_U D`` (P, D measured next to it, on
+    ``--clock``), its operator counts and where the time above the floor goes."""
     n_l, n_u = bench.cfg.BISSL.LOWER_STEPS, bench.cfg.BISSL.UPPER_STEPS
+    clock = CLOCKS[args.clock]
+
+    def run(name: str, fn: Callable[[], object], repeats: int, warmup: int) -> float:
+        t[name] = measure(fn, bench.device, repeats, warmup, clock)
+        log(f"  {name:<34} {t[name]['median_s']:8.3f} s  {t[name]['times_s']} ({args.clock})")
+        return t[name]["median_s"]
+
     out = {}
     for name, settings in FLOOR_ESTIMATORS.items():
         old = configure_estimator(bench, settings)
         try:
-            p = run(f"P_{name}", bench.plain_pretext_step)["median_s"]
-            d = run(f"D_{name}", bench.plain_downstream_step)["median_s"]
-            with timing_parts(bench) as parts:
-                stage = run(f"stage_{name}", bench.stage, args.stage_repeats, 0)["median_s"]
-            parts = {k: v / args.stage_repeats for k, v in parts.items()}  # per stage
+            p = run(f"P_{name}", bench.plain_pretext_step, args.repeats, args.warmup)
+            d = run(f"D_{name}", bench.plain_downstream_step, args.repeats, args.warmup)
+            with timing_parts(bench, clock) as parts:
+                stage = run(f"stage_{name}", bench.stage, args.stage_repeats, 0)
+            # The parts are sums over the repeats: put them against the mean stage.
+            parts = {k: v / args.stage_repeats for k, v in parts.items()}
+            stage_mean = statistics.mean(t[f"stage_{name}"]["times_s"])
             with counting_ops() as ops:
                 bench.stage()
         finally:
@@ -546,19 +565,22 @@ def bench_floor(bench: Bench, args: argparse.Namespace, run, r: dict, log) -> di
             "upper_steps_minus_solves_minus_2_N_U_D": parts["upper_steps"]
             - parts["solves"]
             - 2 * n_u * d,
-            "outside_the_steps": stage - sum(parts[k] for k in ("lower_steps", "curvature_build",
-                                                                "upper_steps")),
+            "outside_the_steps": stage_mean - sum(parts[k] for k in ("lower_steps",
+                                                                     "curvature_build",
+                                                                     "upper_steps")),
         }  # fmt: skip
         out[name] = {
             "settings": settings,
             "P_s": p,
             "D_s": d,
+            "clock": args.clock,
             "stage_s": stage,
             "floor_s": floor,
             "stage_over_floor": stage / floor,
             "stage_over_plain_steps": stage / plain,
             "floor_over_plain_steps": floor / plain,
             "within_goal": stage / floor <= FLOOR_GOAL,
+            "stage_mean_s": stage_mean,
             "parts_s": parts,
             "above_floor_s": rest,
             "ops_per_stage": ops,
@@ -566,8 +588,8 @@ def bench_floor(bench: Bench, args: argparse.Namespace, run, r: dict, log) -> di
         r[f"stage_{name}_over_floor"] = stage / floor
         log(
             f"  {name}: stage {stage:.3f} s / floor (N_L P + 2 N_U D = {n_l} x {p:.3f} + "
-            f"2 x {n_u} x {d:.3f}) {floor:.3f} s = {stage / floor:.3f}; ops {ops['total']}, "
-            f"{ops['solver_vectors']} of them solver vector work"
+            f"2 x {n_u} x {d:.3f}) {floor:.3f} s = {stage / floor:.3f}; {ops['products']} "
+            f"products; ops {ops['total']}, {ops['solver_vectors']} of them solver vector work"
         )
     return out
 
@@ -717,6 +739,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-repeats", type=int, default=2, help="repeats of upper steps")
     p.add_argument("--stage-repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                   help="(f): cpu = process time (one thread, shared machine)")  # fmt: skip
     p.add_argument("--models", default="cls,det", help="comma-separated: cls, det")
     p.add_argument("--quick", action="store_true", help="narrow test ResNet: a smoke run")
     p.add_argument("--skip-options", action="store_true", help="no bf16/channels_last/checkpoint")

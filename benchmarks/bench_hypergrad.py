@@ -63,14 +63,11 @@ from detectron2.utils.events import EventStorage
 
 from . import bench_bilevel as bb  # the ratio benchmark's set-up of a trainer on fixed batches
 from .common import minres
-from .harness import REPO, demo_workdir, measure, synchronize, write_json
+from .harness import CLOCKS, REPO, demo_workdir, measure, synchronize, write_json
 
 GOAL_COS, GOAL_TIME = 0.99, 0.35
 GOAL = f"cos_to_converged >= {GOAL_COS} at stage_time_over_authors <= {GOAL_TIME}"
 FISHER_HISTORY = 20
-# CPU: this process's CPU time (with one thread, the work done; immune to the preemption that
-# other jobs on a shared machine cause, which made wall times 2-3x noisier here); CUDA: wall.
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 REFERENCE_TOL = 1e-4  # relative residual at which a reference solve stops
 STAGE_ONLY_TRAIN_ITERS = 40  # training of a model measured for the whole-stage ratio only
 REFERENCE_OK = 1e-2  # a reference whose true relative residual is larger is "not converged"

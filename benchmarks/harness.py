@@ -26,6 +26,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
+# CPU: this process's CPU time (with one thread, the work done; immune to the preemption that
+# other jobs on a shared machine cause, which made wall times 2-3x noisier here); CUDA: wall.
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -71,10 +74,23 @@ class OpCounter(TorchDispatchMode):
         self.by_name: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:  # views and detach launch nothing
+        if _launches(func, args):
             self.ops += 1
             self.by_name[str(func)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _launches(func, args) -> bool:
+    """Views and detach launch nothing, nor do operators on dtypes alone (promote_types)."""
+    if func.is_view:
+        return False
+    if any("Tensor" in str(r.type) for r in func._schema.returns):
+        return True
+    return any(
+        isinstance(a, torch.Tensor)
+        or (isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a))
+        for a in args
+    )
 
 
 def ratio(a: dict, b: dict) -> float:

@@ -109,6 +109,11 @@ def _dots(a: TensorTuple, b: TensorTuple) -> torch.Tensor:
     )
 
 
+def _total(dots: torch.Tensor) -> torch.Tensor:
+    """Sum of per-tensor dots; for one flat buffer its single dot (no reduction kernel)."""
+    return dots[0] if dots.numel() == 1 else dots.sum()
+
+
 def tuple_dot(a: TensorTuple, b: TensorTuple) -> torch.Tensor:
     """Inner product of two tuples of tensors, summed over all tensors.
 
@@ -120,8 +125,7 @@ def tuple_dot(a: TensorTuple, b: TensorTuple) -> torch.Tensor:
         A 0-d tensor in float32 (float64 if the inputs are float64) on the inputs' device.
     """
     check_pair(a, b)
-    dots = _dots(a, b)
-    return dots[0] if len(a) == 1 else dots.sum()
+    return _total(_dots(a, b))
 
 
 def tuple_norm(ts: TensorTuple) -> torch.Tensor:
@@ -274,7 +278,7 @@ def krylov_cg(
         rz = _dots(tuple(r), tuple(p))
         scratch = [torch.empty_like(t) for t in b] if per_tensor else []
         residual = math.sqrt(
-            finite_or_raise(_dots(tuple(r), tuple(r)).sum().item(), "||r0||^2", solver, 0)
+            finite_or_raise(_total(_dots(tuple(r), tuple(r))).item(), "||r0||^2", solver, 0)
         )
     threshold = tol * b_norm
     iterations = negative = 0
@@ -292,7 +296,7 @@ def krylov_cg(
         iterations += 1
         with torch.no_grad():
             pap = _dots(tuple(p), tuple(ap))
-            dens = pap.tolist() if per_tensor else [pap.sum().item()]
+            dens = pap.tolist() if per_tensor else [_total(pap).item()]
             for d in dens:
                 finite_or_raise(d, "p^T A p", solver, iterations)
             # Per tensor, a zero direction p_i (a block already solved) has no curvature to test.
@@ -321,11 +325,11 @@ def krylov_cg(
                 torch._foreach_sub_(r, scratch)
             else:
                 # p^T A p == 0 exactly (possible with "continue") is a breakdown: alpha = inf.
-                alpha = rz.sum().item() / dens[0] if dens[0] != 0 else math.inf
+                alpha = _total(rz).item() / dens[0] if dens[0] != 0 else math.inf
                 finite_or_raise(alpha, "step size alpha", solver, iterations)
                 torch._foreach_add_(x, p, alpha=alpha)
                 torch._foreach_add_(r, ap, alpha=-alpha)
-            rr = _dots(tuple(r), tuple(r)).sum().item()
+            rr = _total(_dots(tuple(r), tuple(r))).item()
             residual = math.sqrt(finite_or_raise(rr, "residual ||r||^2", solver, iterations))
             if residual <= threshold or iterations == max_iter:
                 break
@@ -335,7 +339,7 @@ def krylov_cg(
                 torch._foreach_mul_(p, ratio(rz_new, rz))
             else:
                 beta = finite_or_raise(
-                    rz_new.sum().item() / rz.sum().item(), "beta", solver, iterations
+                    _total(rz_new).item() / _total(rz).item(), "beta", solver, iterations
                 )
                 torch._foreach_mul_(p, beta)
             torch._foreach_add_(p, list(z))

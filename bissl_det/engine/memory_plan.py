@@ -198,7 +198,8 @@ def plan_stage_memory(cfg, model: nn.Module, world_size: int = 1) -> MemoryPlan:
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
     theta_bytes = _bytes(params)
-    fisher = hg.FISHER_HISTORY * _bytes(theta) if hg.CURVATURE == "fisher" else 0
+    # The Fisher history is sharded: each process keeps 1/world of every gradient's coordinates.
+    fisher = -(-hg.FISHER_HISTORY * _bytes(theta) // world_size) if hg.CURVATURE == "fisher" else 0
     fisher_on_device = fisher if hg.FISHER_DEVICE == "model" else 0
     vectors = 6 + (hg.BASIS_SIZE if hg.SOLVER == "lanczos" else 0)
     parts = {
