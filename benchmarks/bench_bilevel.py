@@ -358,7 +358,8 @@ def bench_model(bench: Bench, args: argparse.Namespace, log: Callable[[str], Non
     r["functional_over_recomputing_hvp"] = ratio(t["hvp_func"], t["hvp_recomputing_batchstat_bn"])
     if not args.skip_options:
         out["option_notes"] = bench_options(bench, run, t, r)
-    out["floor"] = bench_floor(bench, args, t, r, log)
+    if not args.skip_floor:
+        out["floor"] = bench_floor(bench, args, t, r, log)
     return out
 
 
@@ -745,6 +746,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="narrow test ResNet: a smoke run")
     p.add_argument("--skip-options", action="store_true", help="no bf16/channels_last/checkpoint")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-floor", action="store_true", help="no (f)")
     p.add_argument("--floor-only", action="store_true",
                    help="only (f): stages against N_L P + 2 N_U D, op counts")  # fmt: skip
     p.add_argument("--memory-extras", action="store_true",
