@@ -265,6 +265,30 @@ def test_fisher_on_the_model_device_returns_there_after_a_resume():
     assert restored.state_dict()["slots"].is_cuda and restored.state_dict()["gram"].is_cuda
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fisher_history_on_the_host_is_pinned_for_cuda_gradients():
+    """FISHER_DEVICE "cpu" with CUDA gradients: page-locked host memory (fast copies), also
+    after a resume, and the same solve as a history on the device."""
+    gen = torch.Generator().manual_seed(8)
+    like = (torch.empty(3, 4, dtype=DT), torch.empty(5, dtype=DT))
+    grads = [tuple(t.cuda() for t in random_like(like, gen)) for _ in range(3)]
+    host, device = (EmpiricalFisherCurvature(3, device=d) for d in ("cpu", None))
+    for g in grads:
+        host.append(g)
+        device.append(g)
+    assert host.state_dict()["slots"].is_pinned()
+    b = tuple(t.cuda() for t in random_like(like, gen))
+    for x, y in zip(host.solve_damped(b, 0.7), device.solve_damped(b, 0.7), strict=True):
+        assert x.is_cuda
+        torch.testing.assert_close(x, y)
+    state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in host.state_dict().items()}
+    restored = EmpiricalFisherCurvature(3, device="cpu")
+    restored.load_state_dict(state)
+    restored.matvec(b)  # the first product with CUDA vectors pins the restored history
+    assert restored.state_dict()["slots"].is_pinned()
+
+
 def test_fisher_solve_with_parallel_float32_gradients():
     # Identical gradients: a rank-1 Gram matrix whose float32 rounding is not exactly PSD.
     gen = torch.Generator().manual_seed(9)
