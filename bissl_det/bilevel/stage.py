@@ -26,7 +26,7 @@ import torch
 
 from .curvature import AllReduce, Curvature, ProductCurvature
 from .flat import FlatLayout, flat_problem
-from .krylov import MatVec, SolveInfo, TensorTuple, tuple_cosine, tuple_norm
+from .krylov import MatVec, SolveInfo, TensorTuple, apply_matvec, tuple_cosine, tuple_norm
 from .lanczos import LanczosBasis, lanczos_extremes
 from .registry import Solver, get_solver
 
@@ -210,7 +210,10 @@ class StageSystem:
         layout = FlatLayout.of(rhs)
         n_g = sum(t.numel() for t in g)
         if layout is not None:
-            matvec, rhs = flat_problem(matvec, rhs, "StageSystem.solve")[:2]
+            if self.head:
+                matvec, rhs = flat_problem(matvec, rhs, "StageSystem.solve")[:2]
+            else:
+                matvec, rhs = self._flat_operator(layout), (layout.flatten(rhs),)
             if exact_solve is not None:
                 solve_tuple = exact_solve
 
@@ -240,6 +243,19 @@ class StageSystem:
             cosine=tuple_cosine(x_g, g_flat).item(),
             norm_ratio=tuple_norm(x_g).item() / g_norm if g_norm > 0 else 0.0,
         )
+
+    def _flat_operator(self, layout: FlatLayout) -> MatVec:
+        """``v -> v + scale * C v`` on flat buffers: ``C v`` concatenated into the output buffer
+        and the damping added there, so a product holds one flat vector beyond ``C``'s own."""
+
+        def matvec(v: TensorTuple) -> TensorTuple:
+            views = layout.views(v[0])
+            cv = apply_matvec(self.curvature.matvec, views, views, "StageSystem.solve")
+            out = layout.flatten(tuple(cv))
+            del cv
+            return (torch.add(v[0], out, alpha=self.scale, out=out),)
+
+        return matvec
 
     @property
     def basis_vectors(self) -> int | None:
