@@ -24,13 +24,10 @@ threshold 128 on the 0-255 scale).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .pretext import TwoViewAugmentation
 
 __all__ = [
     "NUM_PARAMS",
@@ -82,7 +79,17 @@ def blur_kernel_size(crop_size: int) -> int:
     return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
 
 
-def draw_view_params(aug: TwoViewAugmentation, view: int) -> torch.Tensor:
+class ViewSettings(Protocol):
+    """The settings :func:`draw_view_params` reads (``data/pretext.py``'s TwoViewAugmentation)."""
+
+    jitter: tuple[float, float, float, float]
+    jitter_p: float
+    gray_p: float
+    blur_p: tuple[float, float]
+    solarize_p: tuple[float, float]
+
+
+def draw_view_params(aug: ViewSettings, view: int) -> torch.Tensor:
     """The random colour/blur parameters of one view (0 or 1), with the distributions of
     torchvision's ``RandomApply(ColorJitter)``, ``RandomGrayscale``, ``GaussianBlur(sigma=(0.1,
     2))`` and ``RandomSolarize``: a uniformly random order of the four jitter operations and each
