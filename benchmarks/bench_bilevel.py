@@ -544,7 +544,8 @@ def bench_floor(bench: Bench, args: argparse.Namespace, t: dict, r: dict, log) -
         return t[name]["median_s"]
 
     out = {}
-    for name, settings in FLOOR_ESTIMATORS.items():
+    for name in args.estimators.split(","):
+        settings = FLOOR_ESTIMATORS[name]
         old = configure_estimator(bench, settings)
         try:
             p = run(f"P_{name}", bench.plain_pretext_step, args.repeats, args.warmup)
@@ -747,6 +748,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-options", action="store_true", help="no bf16/channels_last/checkpoint")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-floor", action="store_true", help="no (f)")
+    p.add_argument("--estimators", default=",".join(FLOOR_ESTIMATORS),
+                   help=f"(f), comma-separated: {', '.join(FLOOR_ESTIMATORS)}")  # fmt: skip
     p.add_argument("--floor-only", action="store_true",
                    help="only (f): stages against N_L P + 2 N_U D, op counts")  # fmt: skip
     p.add_argument("--memory-extras", action="store_true",
@@ -757,6 +760,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="cls", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = set(args.estimators.split(",")) - set(FLOOR_ESTIMATORS)
+    if unknown:
+        p.error(f"--estimators: unknown {sorted(unknown)}; valid: {sorted(FLOOR_ESTIMATORS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     return args
