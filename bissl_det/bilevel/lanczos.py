@@ -72,12 +72,14 @@ class _Basis:
     def __len__(self) -> int:
         return len(self.vectors)
 
-    def append(self, q: TensorTuple) -> None:
+    def append(self, q: TensorTuple) -> TensorTuple:
+        """Store ``q``; returns the stored vector (for flat vectors a row of the matrix)."""
         if self.rows is not None:
             row = self.rows[len(self.vectors)]
             row.copy_(q[0])
             q = (row,)
         self.vectors.append(tuple(q))
+        return self.vectors[-1]
 
     def coefficients(self, r: TensorTuple) -> torch.Tensor:
         """``V^T r`` (1-D, accumulation dtype, on the vectors' device)."""
@@ -129,8 +131,8 @@ def _lanczos(
         tiny = 100 * torch.finfo(accumulation_dtype(v0[0])).eps
         scale = 0.0
         for step in range(1, steps + 1):
-            if basis is not None:
-                basis.append(tuple(q))
+            if basis is not None:  # q lives on as the basis' copy: one vector, not two
+                q = list(basis.append(tuple(q)))
             aq = apply_matvec(matvec, tuple(q), v0, name)
             alpha = finite_or_raise(tuple_dot(tuple(q), tuple(aq)).item(), "alpha", name, step)
             w = torch._foreach_add(aq, q, alpha=-alpha)
