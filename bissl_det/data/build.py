@@ -128,16 +128,15 @@ def pretext_batch_to_device(
     parameters) is copied, augmented there as one batch (:func:`~.view_augment.augment_views`:
     colour jitter, grayscale, blur, solarisation) and normalised (float32, MODEL.PIXEL_MEAN/STD);
     uint8 pixels are only normalised; floating tensors (already model inputs, e.g. tests'
-    batches) are only moved."""
-    mean, std = normalisation(cfg)
+    batches) are only moved (the config's normalisation is not read for them)."""
     out = []
     for item in batch:
         if isinstance(item, PretextView):
             pixels = item.pixels.to(device, non_blocking=True)
             # The parameters stay on the host: they say which rows take which operation.
-            out.append(normalise_pixels(augment_views(pixels, item.params), mean, std))
+            out.append(normalise_pixels(augment_views(pixels, item.params), *normalisation(cfg)))
         elif item.dtype == torch.uint8:
-            out.append(normalise_pixels(item.to(device, non_blocking=True), mean, std))
+            out.append(normalise_pixels(item.to(device, non_blocking=True), *normalisation(cfg)))
         else:
             out.append(item.to(device, non_blocking=True))
     return tuple(out)
