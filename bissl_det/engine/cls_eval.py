@@ -30,8 +30,8 @@ from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from ..checkpoint.io import atomic_write_text
+from ..data.classification_transfer import load_test_protocol_data, training_iters
 from ..utils.stats import summarise
-from .cls_data import load_test_protocol_data, training_iters
 from .cls_probe import run_logistic_probe
 from .cls_trainer import read_classifier_backbone, train_classifier
 

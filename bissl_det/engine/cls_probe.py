@@ -17,15 +17,15 @@ import logging
 import torch
 from detectron2.config import CfgNode
 
-from ..evaluation.evaluate import classification_metrics
-from ..evaluation.linear_probe import fit_logistic_probe, select_l2
-from .cls_data import (
+from ..data.classification_transfer import (
     ClassificationData,
     build_cls_eval_loader,
     dataset_targets,
     eval_view,
     validation_split,
 )
+from ..evaluation.evaluate import classification_metrics
+from ..evaluation.linear_probe import fit_logistic_probe, select_l2
 from .cls_trainer import build_classifier
 
 logger = logging.getLogger(__name__)

@@ -25,15 +25,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoint.backbone import load_backbone_weights, read_backbone_weights
-from ..evaluation.evaluate import evaluate_classifier
-from ..solver.build import warmup_cosine
-from ..utils.plots import CLASSIFICATION_PLOTS
-from .cls_data import (
+from ..data.classification_transfer import (
     ClassificationData,
     build_cls_eval_loader,
     build_cls_train_loader,
     training_iters,
 )
+from ..evaluation.evaluate import evaluate_classifier
+from ..solver.build import warmup_cosine
+from ..utils.plots import CLASSIFICATION_PLOTS
 from .hooks import PlotMetrics, build_writers
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_datas
 from detectron2.utils.env import seed_all_rng
 
 from ..config.defaults import config_value
+from ..data.classification_transfer import held_out_indices, load_search_data
 from ..data.tasks import registered_downstream_tasks, standalone_task
-from ..engine.cls_data import held_out_indices, load_search_data
 from ..engine.cls_trainer import read_classifier_backbone, train_classifier
 from ..engine.finetune import FinetuneTrainer, summarise
 

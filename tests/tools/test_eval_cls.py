@@ -11,7 +11,7 @@ from pathlib import Path
 
 import bissl_det.engine.cls_trainer as cls_trainer
 from bissl_det.checkpoint import export_backbone, save_backbone_checkpoint
-from bissl_det.engine.cls_data import load_test_protocol_data, validation_split
+from bissl_det.data.classification_transfer import load_test_protocol_data, validation_split
 from bissl_det.engine.cls_eval import run_cls_eval
 from bissl_det.engine.cls_trainer import ClassifierTrainer, read_classifier_backbone
 from bissl_det.engine.pretrain import build_pretrain_model

@@ -11,9 +11,9 @@ import torch
 from detectron2.config import CfgNode
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data.classification import classification_transforms
-from ..data.common import normalisation, per_process_batch
-from ..data.tasks import (
+from .classification import classification_transforms
+from .common import normalisation, per_process_batch
+from .tasks import (
     check_classification_model,
     classification_dataset,
     classification_loader,
