@@ -113,8 +113,12 @@ ROUNDING_TOLERANT = [
 @pytest.mark.parametrize(
     ("option", "low", "high"),
     # bf16 first-order passes (float32 Hessian) stay close (measured cosine 0.798 here, 0.07
-    # for the narrow ResNet-50), and are really lower precision.
-    [(["BISSL.AMP.ENABLED", "True"], 0.7, 1 - 1e-4), (["BISSL.CHANNELS_LAST", "True"], 0.99, 1.0)],
+    # for the narrow ResNet-50), and are really lower precision. (A float32 cosine of equal
+    # vectors may round above 1.)
+    [
+        (["BISSL.AMP.ENABLED", "True"], 0.7, 1 - 1e-4),
+        (["BISSL.CHANNELS_LAST", "True"], 0.99, 1 + 1e-5),
+    ],
 )
 def test_precision_and_layout_options_keep_the_implicit_gradient(
     in_demo_workdir, tmp_path, option, low, high
