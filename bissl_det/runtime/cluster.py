@@ -80,6 +80,24 @@ def job_port(job_id: str, base: int = PORT_BASE, span: int = PORT_SPAN) -> int:
     return base + number % span
 
 
+def _exit_code(process: subprocess.Popen) -> int | None:
+    """The process's exit code once it has ended, else None.
+
+    Not ``Popen.poll()``: :meth:`ToolJob.checkpoint` runs in submitit's signal handler, which
+    interrupts ``Popen.wait()`` in :meth:`ToolJob.__call__`; ``wait()`` holds the lock that
+    ``poll()`` needs, and ``poll()`` then answers None even for a child that has exited (each
+    preempted job waited out the whole grace period).
+    """
+    if process.returncode is None:
+        try:
+            pid, status = os.waitpid(process.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: its code is in returncode, if anywhere
+            return process.returncode
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode
+
+
 class ToolJob:
     """The submitted callable: one tool on one node, requeued with ``--resume`` on preemption.
 
@@ -143,15 +161,15 @@ class ToolJob:
     def stop_tool(self) -> int | None:
         """SIGUSR1 to the running tool; wait for it to checkpoint and exit. Its exit code."""
         process = self._process
-        if process is None or process.poll() is not None:
+        if process is None or _exit_code(process) is not None:
             return None if process is None else process.returncode
         process.send_signal(STOP_SIGNAL)
         deadline = time.monotonic() + self.stop_grace_s
-        while process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if process.poll() is None:
+        while _exit_code(process) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _exit_code(process) is None:
             print("[submit] the tool did not stop in time: resuming from its last checkpoint")
-        return process.poll()
+        return process.returncode
 
     def resumed(self) -> ToolJob:
         """The same job, continuing from the tool's last checkpoint."""

@@ -107,6 +107,8 @@ def test_local_job_is_preempted_requeued_and_resumes(in_demo_workdir, tmp_path):
     assert "Resuming pretraining at step" in log
     job_log = next(jobs.glob("*_0_log.out")).read_text()
     assert "requeueing with --resume" in job_log
+    # The job saw the tool stop (not the end of its grace period) and requeued at once.
+    assert "tool stopped (exit 75)" in job_log and "did not stop in time" not in job_log
     # The interruption checkpointed a step before the end; the resumed run reached the end.
     steps = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
     assert steps[-1] == iters - 1 and min(steps) == 0
