@@ -443,9 +443,12 @@ FLOOR_ESTIMATORS = {
     "default+diagnostics": {"CURVATURE": "hessian", "SOLVER": "cg", "MAX_ITER": 5,
                             "ON_NEGATIVE_CURVATURE": "truncate", "TRUE_RESIDUAL": True,
                             "EIGEN_STEPS": 8},
-    "ggn+lanczos5": {"CURVATURE": "ggn", "SOLVER": "lanczos", "BASIS_SIZE": 5, "MAX_ITER": 0,
-                     "TRUE_RESIDUAL": False, "EIGEN_STEPS": 0},
+    **{f"ggn+lanczos{m}": {"CURVATURE": "ggn", "SOLVER": "lanczos", "BASIS_SIZE": m,
+                           "MAX_ITER": 0, "TRUE_RESIDUAL": False, "EIGEN_STEPS": 0}
+       for m in (5, 4, 3)},
 }  # fmt: skip
+# (f)'s default rows; smaller Lanczos bases are there to be named (--estimators).
+FLOOR_DEFAULT = ("default", "default+diagnostics", "ggn+lanczos5")
 FLOOR_GOAL = 1.15  # issue 18: a stage within 15 % of N_L P + 2 N_U D
 
 
@@ -748,7 +751,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-options", action="store_true", help="no bf16/channels_last/checkpoint")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-floor", action="store_true", help="no (f)")
-    p.add_argument("--estimators", default=",".join(FLOOR_ESTIMATORS),
+    p.add_argument("--estimators", default=",".join(FLOOR_DEFAULT),
                    help=f"(f), comma-separated: {', '.join(FLOOR_ESTIMATORS)}")  # fmt: skip
     p.add_argument("--floor-only", action="store_true",
                    help="only (f): stages against N_L P + 2 N_U D, op counts")  # fmt: skip
