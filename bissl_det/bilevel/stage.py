@@ -232,7 +232,8 @@ class StageSystem:
             matvec, rhs, basis=self._basis, exact_solve=exact_solve, **self.options
         )
         if layout is None:
-            x, x_g, g_flat = tuple(x[: len(g)]), tuple(x[: len(g)]), g
+            x = x_g = tuple(x[: len(g)])
+            g_flat = g
         else:
             x_g, g_flat = (x[0][:n_g],), (rhs[0][:n_g],)
             x = layout.views(x[0])[: len(g)]
