@@ -158,6 +158,20 @@ def _pyplot():
     return plt
 
 
+def _fixed_margins(fig, rows: int, cols: int) -> None:
+    """Margins in inches for the panels' two-line titles and tick labels: a fixed layout, not
+    ``tight_layout``, which measures every text and took half of a run's plotting time."""
+    width, height = 4 * cols, 3.4 * rows
+    fig.subplots_adjust(
+        left=0.75 / width,
+        right=1 - 0.2 / width,
+        bottom=0.5 / height,
+        top=1 - 0.85 / height,
+        wspace=0.9 / (4 - 0.95),
+        hspace=1.05 / (3.4 - 1.35),
+    )
+
+
 def plot_metrics(
     metrics_file: str | Path,
     out_dir: str | Path,
@@ -181,6 +195,7 @@ def plot_metrics(
         cols = min(len(present), MAX_COLUMNS)
         rows = -(-len(present) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+        _fixed_margins(fig, rows, cols)
         for ax in axes.flat[len(present) :]:
             ax.set_visible(False)
         for ax, key in zip(axes.flat, present, strict=False):
@@ -201,7 +216,6 @@ def plot_metrics(
             if key in LOG_SCALE and min(ys) > 0:
                 ax.set_yscale("log")
         fig.suptitle(title)
-        fig.tight_layout()
         fig.savefig(out_dir / filename, dpi=90)
         plt.close(fig)
         written.append(out_dir / filename)
