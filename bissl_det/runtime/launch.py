@@ -58,11 +58,13 @@ def launch(
     dist_url: str | None = None,
     args: tuple = (),
     timeout: timedelta | None = None,
+    grace_s: float = GRACE_SECONDS,
 ) -> None:
     """Run ``main_func(*args)`` in ``num_gpus_per_machine * num_machines`` processes.
 
     ``timeout``: how long a collective waits for a peer; default $BISSL_DIST_TIMEOUT seconds
-    (10 minutes), see :func:`~bissl_det.utils.distributed.collective_timeout`.
+    (10 minutes), see :func:`~bissl_det.utils.distributed.collective_timeout`. ``grace_s``: how
+    long the other workers get to end by themselves once one has ended.
 
     Raises:
         TrainingInterrupted: a worker was interrupted (it exited with EXIT_INTERRUPTED).
@@ -104,7 +106,7 @@ def launch(
         )
         forwarder.add(p.pid for p in context.processes)
         try:
-            while not context.join(grace_period=GRACE_SECONDS):
+            while not context.join(grace_period=grace_s):
                 pass
         except mp.ProcessExitedException as e:
             if e.exit_code == EXIT_INTERRUPTED:
