@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.helpers import TINY_C4, TRAIN_BISSL
@@ -53,6 +56,27 @@ def run(command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedPr
     return subprocess.run(
         command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
     )
+
+
+def reference_run(
+    tmp_path_factory, cwd: Path, flags: Sequence[str] = (), opts: Sequence[str] = ()
+) -> Path:
+    """The finished, uninterrupted run of ``bissl_command(out, *flags) + opts``, made once per
+    test session and shared by every test that compares against it (pytest-xdist workers too:
+    a file lock in their common folder). Its folder is read-only to the tests."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the folder every worker's basetemp is in
+    key = hashlib.sha1("\0".join([*flags, "--", *opts]).encode()).hexdigest()[:12]
+    out = root / "reference_runs" / key
+    out.parent.mkdir(exist_ok=True)
+    with open(out.parent / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second test waits for the first one's run
+        if not (out / "DONE").exists():
+            done = run(bissl_command(out, *flags) + list(opts), cwd, timeout=600)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            (out / "DONE").touch()
+    return out
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -15,16 +15,14 @@ from tests.helpers import TINY_C4, tiny_config
 import pytest
 import torch
 
-from .runs import ENV, assert_same_weights, bissl_command, run, start
+from .runs import ENV, assert_same_weights, bissl_command, reference_run, run
 
 KILL_AFTER = "model_0000001.pth"  # written after stage index 1 of 0..3: two stages remain
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(demo_workdir, tmp_path):
-    out_a, out_b = tmp_path / "killed", tmp_path / "uninterrupted"
-    # The uninterrupted reference runs alongside the run that is killed.
-    ref = start(bissl_command(out_b), demo_workdir)
+def test_killed_run_resumes_to_the_same_weights(demo_workdir, tmp_path, tmp_path_factory):
+    out_a = tmp_path / "killed"
     victim = subprocess.Popen(
         bissl_command(out_a),
         cwd=demo_workdir,
@@ -50,8 +48,7 @@ def test_killed_run_resumes_to_the_same_weights(demo_workdir, tmp_path):
 
     resumed = run(bissl_command(out_a, "--resume"), demo_workdir, timeout=120)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    ref_log, _ = ref.communicate(timeout=120)
-    assert ref.returncode == 0, ref_log[-3000:]
+    out_b = reference_run(tmp_path_factory, demo_workdir)  # uninterrupted
     assert f"Starting training from iteration {resume_at}" in (out_a / "log.txt").read_text()
 
     assert_same_weights(out_a / "model_final.pth", out_b / "model_final.pth")

@@ -20,7 +20,7 @@ from tests.helpers import REPO, TINY_C4
 import pytest
 import torch
 
-from .runs import bissl_command, run
+from .runs import bissl_command, reference_run, run
 from .test_safe_loading import TINY_FINETUNE, digests, survived
 
 TIMEOUT = 240
@@ -28,10 +28,7 @@ TIMEOUT = 240
 
 @pytest.fixture(scope="module")
 def finished_bissl(demo_workdir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("identity") / "bissl"
-    done = run(bissl_command(out), demo_workdir, TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return reference_run(tmp_path_factory, demo_workdir)
 
 
 @pytest.fixture
