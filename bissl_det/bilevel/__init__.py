@@ -7,6 +7,7 @@ name), :mod:`.stage` (the system ``(I + C / (lam + delta)) x = g`` that everythi
 """
 
 from .curvature import (
+    GGN_JV_MODES,
     Curvature,
     GaussNewtonCurvature,
     HessianCurvature,
@@ -14,6 +15,7 @@ from .curvature import (
     batch_statistics_only,
     gauss_newton_of_batch,
     hessian_of_batch,
+    output_jvp,
     scratch_buffers,
 )
 from .fisher import EmpiricalFisherCurvature
@@ -61,6 +63,7 @@ from .stage import (
 
 __all__ = [
     "CURVATURES",
+    "GGN_JV_MODES",
     "NEGATIVE_CURVATURE_MODES",
     "SOLVERS",
     "Curvature",
@@ -97,6 +100,7 @@ __all__ = [
     "lanczos_solve",
     "layerwise_conjugate_gradient",
     "neumann_series",
+    "output_jvp",
     "pretext_curvature",
     "scratch_buffers",
     "true_residual",

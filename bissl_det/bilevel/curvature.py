@@ -28,6 +28,7 @@ from .krylov import TensorTuple
 AllReduce = Callable[[TensorTuple], TensorTuple]
 
 __all__ = [
+    "GGN_JV_MODES",
     "AllReduce",
     "Curvature",
     "GaussNewtonCurvature",
@@ -36,8 +37,15 @@ __all__ = [
     "batch_statistics_only",
     "gauss_newton_of_batch",
     "hessian_of_batch",
+    "output_jvp",
     "scratch_buffers",
 ]
+
+# How a Gauss-Newton product gets ``J v`` (BISSL.HYPERGRAD.GGN_JV): "double_backward" through a
+# retained ``J^T u`` graph (works for any model), or "forward" (one forward-mode pass per product:
+# no second-order graph to build or keep; every op of the pretext model needs a forward-mode
+# derivative, which torch's built-in ops and this package's collectives have).
+GGN_JV_MODES = ("double_backward", "forward")
 
 
 class Curvature(ABC):
@@ -134,6 +142,10 @@ class GaussNewtonCurvature(Curvature):
     space) and ``J^T (...)`` (one vjp). The graphs are built once, in the constructor: the same
     memory and passes as :class:`HessianCurvature`.
 
+    With ``jvp`` given (``v -> J v``, e.g. :func:`output_jvp`: one forward-mode pass), that
+    replaces the double-vjp: no ``J^T u`` graph is built or kept, and a product costs one
+    forward-mode pass and one vjp instead of two passes through a second-order graph.
+
     Distributed: ``outputs`` are this process's (they may depend on every process through a
     differentiable gather) and ``output_loss_fn`` its local mean; the collectives in the graph
     make the all-reduce mean of the local products the ``G`` of the mean loss, like gradients.
@@ -143,6 +155,7 @@ class GaussNewtonCurvature(Curvature):
         output_loss_fn: Maps a tensor shaped like ``outputs`` to the scalar loss (convex in it).
         params: Tensors to differentiate with respect to.
         all_reduce: Averages ``G v`` over processes; None for one process.
+        jvp: ``v -> J v`` (shaped like ``outputs``); None: the double-vjp trick.
     """
 
     def __init__(
@@ -151,6 +164,7 @@ class GaussNewtonCurvature(Curvature):
         output_loss_fn: Callable[[torch.Tensor], torch.Tensor],
         params: Sequence[torch.Tensor],
         all_reduce: AllReduce | None = None,
+        jvp: Callable[[TensorTuple], torch.Tensor] | None = None,
     ) -> None:
         super().__init__(all_reduce)
         who = type(self).__name__
@@ -158,13 +172,15 @@ class GaussNewtonCurvature(Curvature):
             raise ValueError(f"{who}: outputs do not require grad (built under no_grad?)")
         self.params = tuple(params)
         self._outputs = outputs
-        # J^T u is linear in u; its graph (create_graph) gives J v = d<J^T u, v>/du.
-        self._dummy = torch.zeros_like(outputs, requires_grad=True)
-        jt_u = torch.autograd.grad(
-            outputs, self.params, self._dummy, create_graph=True, allow_unused=True
-        )
-        self._index = [i for i, t in enumerate(jt_u) if t is not None and t.requires_grad]
-        self._jt_u = [jt_u[i] for i in self._index]
+        self._jvp = jvp
+        if jvp is None:
+            # J^T u is linear in u; its graph (create_graph) gives J v = d<J^T u, v>/du.
+            self._dummy = torch.zeros_like(outputs, requires_grad=True)
+            jt_u = torch.autograd.grad(
+                outputs, self.params, self._dummy, create_graph=True, allow_unused=True
+            )
+            self._index = [i for i, t in enumerate(jt_u) if t is not None and t.requires_grad]
+            self._jt_u = [jt_u[i] for i in self._index]
         # H_out: the loss on a detached copy of the outputs, its gradient graph kept.
         self._point = outputs.detach().requires_grad_(True)
         out_loss = output_loss_fn(self._point)
@@ -179,14 +195,17 @@ class GaussNewtonCurvature(Curvature):
         if self._released:
             raise RuntimeError(f"{who} was released; build a new one")
         check_vector(v, self.params, who)
-        if not self._index:
+        if self._jvp is not None:
+            jv = self._jvp(v).to(self._point.dtype)
+        elif not self._index:
             return tuple(torch.zeros_like(p) for p in self.params)
-        (jv,) = torch.autograd.grad(
-            self._jt_u,
-            self._dummy,
-            [v[i].to(self._jt_u[k].dtype) for k, i in enumerate(self._index)],
-            retain_graph=True,
-        )
+        else:
+            (jv,) = torch.autograd.grad(
+                self._jt_u,
+                self._dummy,
+                [v[i].to(self._jt_u[k].dtype) for k, i in enumerate(self._index)],
+                retain_graph=True,
+            )
         if not self._out_grad.requires_grad:  # loss linear in the outputs: H_out = 0
             return tuple(torch.zeros_like(p) for p in self.params)
         (hjv,) = torch.autograd.grad(self._out_grad, self._point, jv, retain_graph=True)
@@ -200,7 +219,7 @@ class GaussNewtonCurvature(Curvature):
         )
 
     def release(self) -> None:
-        self._jt_u, self._index = [], []
+        self._jt_u, self._index, self._jvp = [], [], None
         self._outputs = self._dummy = self._point = self._out_grad = None  # type: ignore[assignment]
         self._released = True
 
@@ -263,13 +282,60 @@ def hessian_of_batch(
     return HessianCurvature(loss, params, all_reduce)
 
 
+class _GGNOutputs(nn.Module):
+    """``pretext_model.ggn_outputs(*batch)[0]`` as a module's forward, for ``functional_call``."""
+
+    def __init__(self, pretext_model: nn.Module) -> None:
+        super().__init__()
+        self.model = pretext_model
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.model.ggn_outputs(*batch)[0]
+
+
+def output_jvp(
+    pretext_model: nn.Module, batch: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+) -> Callable[[TensorTuple], torch.Tensor]:
+    """``v -> J v`` for the outputs of ``pretext_model.ggn_outputs(*batch)`` by forward mode.
+
+    Each call is one forward pass carrying tangents (``torch.func.jvp``, under ``no_grad``: no
+    graph is kept), BN normalising with batch statistics and updating nothing, as in the stage's
+    graph; an autocast active now (``GRAPH_DTYPE`` bf16) is active in every call too.
+    """
+    names = {id(p): name for name, p in pretext_model.named_parameters()}
+    unknown = [i for i, p in enumerate(params) if id(p) not in names]
+    if unknown:
+        raise ValueError(f"output_jvp: params {unknown} are not parameters of the pretext model")
+    keys = [f"model.{names[id(p)]}" for p in params]
+    primals = tuple(p.detach() for p in params)
+    module, batch = _GGNOutputs(pretext_model), tuple(batch)
+    device = batch[0].device.type
+    autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+    def outputs_of(*theta: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(module, dict(zip(keys, theta, strict=True)), batch)
+
+    def jvp(v: TensorTuple) -> torch.Tensor:
+        tangents = tuple(t.detach().to(p.dtype) for t, p in zip(v, primals, strict=True))
+        with (
+            batch_statistics_only(pretext_model),
+            torch.no_grad(),
+            torch.autocast(device, dtype=autocast[1], enabled=autocast[0]),
+        ):
+            return torch.func.jvp(outputs_of, primals, tangents)[1]
+
+    return jvp
+
+
 def gauss_newton_of_batch(
     pretext_model: nn.Module,
     batch: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
     all_reduce: AllReduce | None = None,
+    jv: str = "double_backward",
 ) -> GaussNewtonCurvature:
-    """The pretext loss' Gauss-Newton matrix on one batch; arguments as :func:`hessian_of_batch`.
+    """The pretext loss' Gauss-Newton matrix on one batch; arguments as :func:`hessian_of_batch`;
+    ``jv``: how products get ``J v`` (:data:`GGN_JV_MODES`).
 
     Needs ``pretext_model.ggn_outputs(*batch) -> (outputs, loss_of_outputs)``.
     """
@@ -277,6 +343,9 @@ def gauss_newton_of_batch(
         raise ValueError(
             f"curvature 'ggn': {type(pretext_model).__name__} has no ggn_outputs() method"
         )
+    if jv not in GGN_JV_MODES:
+        raise ValueError(f"curvature 'ggn': jv = {jv!r}; valid: {list(GGN_JV_MODES)}")
     with scratch_buffers(pretext_model):
         outputs, loss_of_outputs = pretext_model.ggn_outputs(*batch)
-    return GaussNewtonCurvature(outputs, loss_of_outputs, params, all_reduce)
+    jvp = output_jvp(pretext_model, batch, params) if jv == "forward" else None
+    return GaussNewtonCurvature(outputs, loss_of_outputs, params, all_reduce, jvp=jvp)

@@ -116,6 +116,7 @@ class CurvatureKind:
         from_history: ``(history_size, device) -> Curvature`` made once per run, fed by the lower
             steps' gradients (backbone only).
         exact_solve: Has an exact damped solve (the ``"direct"`` solver's inverse).
+        options: ``BISSL.HYPERGRAD`` key -> keyword argument of ``from_batch`` it sets.
     """
 
     name: str
@@ -123,13 +124,18 @@ class CurvatureKind:
     from_batch: BatchBuilder | None = None
     from_history: Callable[[int, str | None], Curvature] | None = None
     exact_solve: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+
+    def options_from(self, hypergrad) -> dict:
+        """The builder's keyword arguments from a ``BISSL.HYPERGRAD`` mapping."""
+        return {arg: hypergrad[key] for key, arg in self.options.items()}
 
 
 CURVATURES: dict[str, CurvatureKind] = {
     c.name: c
     for c in (
         CurvatureKind("hessian", psd=False, from_batch=hessian_of_batch),
-        CurvatureKind("ggn", psd=True, from_batch=gauss_newton_of_batch),
+        CurvatureKind("ggn", psd=True, from_batch=gauss_newton_of_batch, options={"GGN_JV": "jv"}),
         CurvatureKind(
             "fisher",
             psd=True,
@@ -154,8 +160,10 @@ def pretext_curvature(
     batch: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
     all_reduce: AllReduce | None = None,
+    **options,
 ) -> Curvature:
-    """The stage matrix ``kind`` on one pretext batch (see :class:`CurvatureKind.from_batch`).
+    """The stage matrix ``kind`` on one pretext batch (see :class:`CurvatureKind.from_batch`);
+    ``options``: its builder's keyword arguments (:attr:`CurvatureKind.options`).
 
     Raises:
         ValueError: For an unknown name or a kind not built from a batch (the Fisher is a
@@ -167,4 +175,4 @@ def pretext_curvature(
             f"stage curvature {kind!r} is not built from a batch: it is a history the lower "
             "steps fill (CurvatureKind.from_history)"
         )
-    return entry.from_batch(pretext_model, batch, params, all_reduce)
+    return entry.from_batch(pretext_model, batch, params, all_reduce, **options)

@@ -6,7 +6,14 @@ Checked at start-up (before the data) and again when the trainer builds its hype
 
 from __future__ import annotations
 
-from ..bilevel import CURVATURES, NEGATIVE_CURVATURE_MODES, SOLVERS, get_curvature, get_solver
+from ..bilevel import (
+    CURVATURES,
+    GGN_JV_MODES,
+    NEGATIVE_CURVATURE_MODES,
+    SOLVERS,
+    get_curvature,
+    get_solver,
+)
 from .defaults import GRAPH_DTYPES
 
 __all__ = ["check_hypergrad_config"]
@@ -24,6 +31,7 @@ def check_hypergrad_config(hg) -> None:
     one_of("ON_NEGATIVE_CURVATURE", hg.ON_NEGATIVE_CURVATURE, NEGATIVE_CURVATURE_MODES)
     one_of("FISHER_DEVICE", hg.FISHER_DEVICE, ("cpu", "model"))
     one_of("GRAPH_DTYPE", hg.GRAPH_DTYPE, GRAPH_DTYPES)
+    one_of("GGN_JV", hg.GGN_JV, GGN_JV_MODES)
     for key in ("MAX_ITER", "EIGEN_STEPS"):
         if hg[key] < 0:
             raise ValueError(f"BISSL.HYPERGRAD.{key} = {hg[key]}: must be >= 0")

@@ -106,7 +106,13 @@ class Hypergradient:
             return self.build_system(self.fisher, ())
         batch = curvature_images(next_pretext_batch(), self.curvature_per_process)
         with graph_precision(self.hg.GRAPH_DTYPE, batch[0].device):
-            curvature = self.kind.from_batch(self.model.lower, batch, self.params, all_reduce_mean)
+            curvature = self.kind.from_batch(
+                self.model.lower,
+                batch,
+                self.params,
+                all_reduce_mean,
+                **self.kind.options_from(self.hg),
+            )
         return self.build_system(curvature, self.head)
 
     def build_system(self, curvature: Curvature, head: Sequence[torch.Tensor] = ()) -> StageSystem:

@@ -30,7 +30,7 @@ import torch
 from detectron2.structures import BitMasks, Boxes, Instances
 from torch import nn
 
-from ..bilevel import pretext_curvature
+from ..bilevel import get_curvature, pretext_curvature
 from .curvature_batch import check_curvature_batch, graph_precision
 
 __all__ = ["SAFETY", "MemoryPlan", "check_stage_memory", "plan_stage_memory"]
@@ -160,7 +160,14 @@ def plan_stage_memory(cfg, model: nn.Module, world_size: int = 1) -> MemoryPlan:
         batch = _pretext_batch(cfg, n, device)
         with graph_precision(hg.GRAPH_DTYPE, device):  # BISSL.HYPERGRAD.GRAPH_DTYPE
             system, nbytes = saved_tensor_bytes(
-                lambda: pretext_curvature(hg.CURVATURE, model.lower, batch, params), exclude
+                lambda: pretext_curvature(
+                    hg.CURVATURE,
+                    model.lower,
+                    batch,
+                    params,
+                    **get_curvature(hg.CURVATURE).options_from(hg),
+                ),
+                exclude,
             )
         system.release()
         return nbytes

@@ -74,41 +74,58 @@ def rank() -> int:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum).
+    """Differentiable all-reduce (sum), in reverse and forward mode.
 
     As a linear map on the stacked per-process tensors it is symmetric (every output is the sum
     of every input), so its backward is itself; writing the backward with ``apply`` keeps it
-    differentiable for any order.
+    differentiable for any order. Being linear, its forward-mode derivative is itself too.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
         out = x.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         return _AllReduceSum.apply(grad.contiguous())
 
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return _AllReduceSum.forward(tangent)
+
 
 class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0; backward = all-reduce-sum of the gradient, then the local slice."""
+    """All-gather along dim 0; backward = all-reduce-sum of the gradient, then the local slice;
+    forward mode = the all-gather of the tangents (for the "forward" Gauss-Newton products)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (x,) = inputs
         ctx.start = dist.get_rank() * x.shape[0]
         ctx.length = x.shape[0]
-        return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         # Built from differentiable ops only, so double backward works (HVPs of the global loss).
         summed = _AllReduceSum.apply(grad.contiguous())
         return summed.narrow(0, ctx.start, ctx.length)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return _GatherWithGrad.forward(tangent)
 
 
 def gather_with_grad(t: Tensor) -> Tensor:

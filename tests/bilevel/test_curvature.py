@@ -79,6 +79,33 @@ def test_ggn_matches_dense_jacobian_reference():
         ggn.matvec(v)
 
 
+def test_ggn_with_forward_mode_jv_matches_the_dense_reference():
+    gen = torch.Generator().manual_seed(0)
+    theta = tuple(torch.randn(s, generator=gen, dtype=DT, requires_grad=True)
+                  for s in [(6, 3), (6,), (4, 6)])  # fmt: skip
+    x = torch.randn(5, 3, generator=gen, dtype=DT)
+    labels = torch.randint(0, 4, (5,), generator=gen)
+    primals = tuple(t.detach() for t in theta)
+
+    def jvp(v):
+        return torch.func.jvp(lambda *t: tiny_mlp(t, x), primals, tuple(v))[1]
+
+    def loss_of_outputs(out):
+        return F.cross_entropy(out, labels)
+
+    ggn = GaussNewtonCurvature(tiny_mlp(theta, x), loss_of_outputs, theta, jvp=jvp)
+    jac = torch.autograd.functional.jacobian(
+        lambda f: tiny_mlp(unflatten(f, theta), x).reshape(-1), flatten(theta).detach()
+    )
+    h_out = torch.autograd.functional.hessian(
+        lambda o: loss_of_outputs(o.reshape(5, 4)), tiny_mlp(primals, x).reshape(-1)
+    )
+    v = random_like(theta, gen)
+    torch.testing.assert_close(
+        flatten(ggn.matvec(v)), jac.T @ h_out @ jac @ flatten(v), rtol=1e-10, atol=1e-13
+    )
+
+
 def test_ggn_equals_hessian_for_a_model_linear_in_its_parameters():
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(4, 3, generator=gen, dtype=DT, requires_grad=True)
@@ -156,6 +183,30 @@ def test_ggn_symmetric_psd_on_narrow_resnet(pretext):
     # Building the products moved no BN statistics (nor a BYOL target).
     for before, after in zip(buffers, model.buffers(), strict=True):
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("pretext", ["simclr", "byol"])
+def test_forward_mode_jv_gives_the_double_backward_products(pretext):
+    """BISSL.HYPERGRAD.GGN_JV "forward": the same matrix on a real ResNet with BatchNorm in
+    training mode (batch statistics), and no BN statistic or BYOL target moved."""
+    model = narrow_pretext_model(pretext)
+    gen = torch.Generator().manual_seed(3)
+    views = tuple(torch.randn(4, 3, 32, 32, generator=gen, dtype=DT) for _ in range(2))
+    params = tuple(model.encoder.parameters())
+    buffers = [b.clone() for b in model.buffers()]
+    backward = pretext_curvature("ggn", model, views, params, jv="double_backward")
+    forward = pretext_curvature("ggn", model, views, params, jv="forward")
+    for _ in range(2):
+        v = random_like(params, gen)
+        expected = flatten(backward.matvec(v))
+        assert (flatten(forward.matvec(v)) - expected).norm() <= 1e-10 * expected.norm()
+    assert expected.norm() > 0 and forward.products == 2
+    for before, after in zip(buffers, model.buffers(), strict=True):
+        assert torch.equal(before, after)
+    with pytest.raises(ValueError, match="jv = 'fwd'"):
+        pretext_curvature("ggn", model, views, params, jv="fwd")
+    with pytest.raises(ValueError, match="not parameters of the pretext model"):
+        pretext_curvature("ggn", model, views, (torch.zeros(2, requires_grad=True),), jv="forward")
 
 
 def test_pretext_curvature_rejects_unknown_kind_and_missing_method():
@@ -345,12 +396,19 @@ def dist_payload():
 def curvature_results(model, views_of_steps, rows, vec, all_reduce):
     """G v on step 0's batch; Fisher (3 lower-step gradients) solve of vec."""
     params = tuple(model.encoder.parameters())
-    ggn = pretext_curvature("ggn", model, tuple(views_of_steps[0, :, rows]), params, all_reduce)
+    batch = tuple(views_of_steps[0, :, rows])
+    ggn = pretext_curvature("ggn", model, batch, params, all_reduce)
+    # Forward mode: the tangents cross processes through the gather's jvp.
+    ggn_forward = pretext_curvature("ggn", model, batch, params, all_reduce, jv="forward")
     fisher = EmpiricalFisherCurvature(history_size=3)
     for step in range(views_of_steps.shape[0]):
         grads = torch.autograd.grad(model(*views_of_steps[step, :, rows]), params)
         fisher.append(grads if all_reduce is None else all_reduce(grads))
-    return flatten(ggn.matvec(vec)), flatten(fisher.solve_damped(vec, 10.0))
+    return (
+        flatten(ggn.matvec(vec)),
+        flatten(fisher.solve_damped(vec, 10.0)),
+        flatten(ggn_forward.matvec(vec)),
+    )
 
 
 def _dist_worker(rank, init_file, out_dir, payload):
@@ -373,11 +431,13 @@ def test_two_processes_half_batch_equal_one_process_full_batch(tmp_path):
     mp.spawn(
         _dist_worker, args=(str(tmp_path / "init"), str(tmp_path), payload), nprocs=WORLD, join=True
     )
-    ggn, fisher = curvature_results(
+    ggn, fisher, ggn_forward = curvature_results(
         dist_model(), payload["views"], slice(0, BATCH), payload["vec"], None
     )
     assert ggn.norm() > 0 and (fisher - flatten(payload["vec"])).norm() > 1e-3 * fisher.norm()
+    torch.testing.assert_close(ggn_forward, ggn, rtol=1e-10, atol=1e-12)
     for rank in range(WORLD):
-        got_ggn, got_fisher = torch.load(tmp_path / f"rank{rank}.pt")
+        got_ggn, got_fisher, got_forward = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(got_ggn, ggn, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got_fisher, fisher, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_forward, ggn, rtol=1e-10, atol=1e-12)

@@ -10,6 +10,7 @@ from tests.helpers import NARROW_CLS, TINY_C4, tiny_config
 
 import pytest
 from detectron2.config import CfgNode
+from detectron2.utils.env import seed_all_rng
 
 NEW_METRICS = (
     "hypergrad_rel_residual",
@@ -137,11 +138,36 @@ def _hypergrad(**values) -> CfgNode:
         ({"CURVATURE": "fisher", "INCLUDE_PRETEXT_HEAD": True}, "INCLUDE_PRETEXT_HEAD"),
         ({"BASIS_SIZE": 0}, "BASIS_SIZE = 0"),
         ({"MAX_ITER": 0}, "MAX_ITER = 0"),
+        ({"GGN_JV": "fwd"}, "GGN_JV = 'fwd': valid values are"),
     ],
 )
 def test_invalid_hypergrad_settings_are_refused(values, message):
     with pytest.raises(ValueError, match=message):
         check_hypergrad_config(_hypergrad(**values))
+
+
+def test_forward_mode_ggn_products_train_like_double_backward(in_demo_workdir, tmp_path):
+    """BISSL.HYPERGRAD.GGN_JV in the trainer: the same matrix, so the same stages up to float32
+    rounding (the joint system with the pretext head: J v over backbone and head)."""
+    runs = {}
+    for jv in ("double_backward", "forward"):
+        cfg = tiny_config(
+            NARROW_CLS,
+            tmp_path / jv,
+            *["BISSL.HYPERGRAD.CURVATURE", "ggn", "BISSL.HYPERGRAD.GGN_JV", jv],
+            *["BISSL.HYPERGRAD.SOLVER", "lanczos", "BISSL.HYPERGRAD.MAX_ITER", "0"],
+            *["BISSL.HYPERGRAD.BASIS_SIZE", "4", "BISSL.HYPERGRAD.INCLUDE_PRETEXT_HEAD", "True"],
+            *["BISSL.STAGES", "2", "BISSL.LOWER_STEPS", "1", "BISSL.UPPER_STEPS", "1"],
+            *["BISSL.CHECKPOINT_PERIOD", "0", "BISSL.HEAD_WARMUP.ITERS", "0"],
+            *["BISSL.HEAD_WARMUP.EPOCHS", "0.0", "SEED", "0"],
+        )
+        seed_all_rng(0)
+        runs[jv] = [r for r in _run(cfg) if "hypergrad_cosine" in r]
+    assert len(runs["forward"]) == len(runs["double_backward"]) == 2
+    for fwd, ref in zip(runs["forward"], runs["double_backward"], strict=True):
+        for key in ("hypergrad_cosine", "hypergrad_norm_ratio", "hypergrad_eig_max", "upper_loss"):
+            assert fwd[key] == pytest.approx(ref[key], rel=1e-4), key
+        assert fwd["hypergrad_stage_products"] == ref["hypergrad_stage_products"]
 
 
 def test_pretext_head_joint_system_runs_in_the_trainer(in_demo_workdir, tmp_path):
