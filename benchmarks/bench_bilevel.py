@@ -443,12 +443,15 @@ FLOOR_ESTIMATORS = {
     "default+diagnostics": {"CURVATURE": "hessian", "SOLVER": "cg", "MAX_ITER": 5,
                             "ON_NEGATIVE_CURVATURE": "truncate", "TRUE_RESIDUAL": True,
                             "EIGEN_STEPS": 8},
-    **{f"ggn+lanczos{m}": {"CURVATURE": "ggn", "SOLVER": "lanczos", "BASIS_SIZE": m,
-                           "MAX_ITER": 0, "TRUE_RESIDUAL": False, "EIGEN_STEPS": 0}
-       for m in (5, 4, 3)},
+    # Gauss-Newton products with J v by the double-backward trick (GGN_JV before it had a
+    # choice: every committed "ggn+lanczos" figure) and by forward mode (the default since).
+    **{f"ggn{tag}+lanczos{m}": {"CURVATURE": "ggn", "GGN_JV": jv, "SOLVER": "lanczos",
+                                "BASIS_SIZE": m, "MAX_ITER": 0, "TRUE_RESIDUAL": False,
+                                "EIGEN_STEPS": 0}
+       for tag, jv in (("", "double_backward"), ("_fwd", "forward")) for m in (5, 4, 3)},
 }  # fmt: skip
 # (f)'s default rows; smaller Lanczos bases are there to be named (--estimators).
-FLOOR_DEFAULT = ("default", "default+diagnostics", "ggn+lanczos5")
+FLOOR_DEFAULT = ("default", "default+diagnostics", "ggn+lanczos5", "ggn_fwd+lanczos5")
 FLOOR_GOAL = 1.15  # issue 18: a stage within 15 % of N_L P + 2 N_U D
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..utils.warnings import import_quietly
 from .hvp import HessianVectorProduct, check_vector
 from .krylov import TensorTuple
 
@@ -302,6 +303,8 @@ def output_jvp(
     graph is kept), BN normalising with batch statistics and updating nothing, as in the stage's
     graph; an autocast active now (``GRAPH_DTYPE`` bf16) is active in every call too.
     """
+    # torch loads its forward-mode decompositions at the first dual tensor, scripting them.
+    import_quietly(("torch._decomp.decompositions_for_jvp",))
     names = {id(p): name for name, p in pretext_model.named_parameters()}
     unknown = [i for i, p in enumerate(params) if id(p) not in names]
     if unknown:
@@ -332,7 +335,7 @@ def gauss_newton_of_batch(
     batch: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
     all_reduce: AllReduce | None = None,
-    jv: str = "double_backward",
+    jv: str = "forward",
 ) -> GaussNewtonCurvature:
     """The pretext loss' Gauss-Newton matrix on one batch; arguments as :func:`hessian_of_batch`;
     ``jv``: how products get ``J v`` (:data:`GGN_JV_MODES`).

@@ -4,7 +4,9 @@
 when they are imported, and torch >= 2.10 deprecates it with a FutureWarning: warnings on every
 start, even for ``--help``, about code this project never calls. :mod:`bissl_det` imports this
 module right after :mod:`bissl_det.compat` (detectron2 needs the shims first): it imports those
-two modules once under a filter for exactly that message. Later imports are cached, and a
+two modules once under a filter for exactly that message (and
+:func:`~bissl_det.bilevel.curvature.output_jvp` the forward-mode decompositions torch scripts at
+the first dual tensor, when forward-mode products are first used). Later imports are cached, and a
 ``torch.jit.script`` call in user code still warns.
 
 detectron2 v0.6's anchor generator calls ``torch.meshgrid`` without ``indexing=`` (its result

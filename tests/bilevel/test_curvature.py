@@ -185,19 +185,29 @@ def test_ggn_symmetric_psd_on_narrow_resnet(pretext):
         assert torch.equal(before, after)
 
 
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("pretext", ["simclr", "byol"])
-def test_forward_mode_jv_gives_the_double_backward_products(pretext):
+def test_forward_mode_jv_gives_the_double_backward_products(pretext, device):
     """BISSL.HYPERGRAD.GGN_JV "forward": the same matrix on a real ResNet with BatchNorm in
     training mode (batch statistics), and no BN statistic or BYOL target moved."""
-    model = narrow_pretext_model(pretext)
+    model = narrow_pretext_model(pretext).to(device)
     gen = torch.Generator().manual_seed(3)
-    views = tuple(torch.randn(4, 3, 32, 32, generator=gen, dtype=DT) for _ in range(2))
+    views = tuple(torch.randn(4, 3, 32, 32, generator=gen, dtype=DT).to(device) for _ in range(2))
     params = tuple(model.encoder.parameters())
     buffers = [b.clone() for b in model.buffers()]
     backward = pretext_curvature("ggn", model, views, params, jv="double_backward")
     forward = pretext_curvature("ggn", model, views, params, jv="forward")
     for _ in range(2):
-        v = random_like(params, gen)
+        v = tuple(t.to(device) for t in random_like(params, gen))
         expected = flatten(backward.matvec(v))
         assert (flatten(forward.matvec(v)) - expected).norm() <= 1e-10 * expected.norm()
     assert expected.norm() > 0 and forward.products == 2
@@ -397,7 +407,7 @@ def curvature_results(model, views_of_steps, rows, vec, all_reduce):
     """G v on step 0's batch; Fisher (3 lower-step gradients) solve of vec."""
     params = tuple(model.encoder.parameters())
     batch = tuple(views_of_steps[0, :, rows])
-    ggn = pretext_curvature("ggn", model, batch, params, all_reduce)
+    ggn = pretext_curvature("ggn", model, batch, params, all_reduce, jv="double_backward")
     # Forward mode: the tangents cross processes through the gather's jvp.
     ggn_forward = pretext_curvature("ggn", model, batch, params, all_reduce, jv="forward")
     fisher = EmpiricalFisherCurvature(history_size=3)
