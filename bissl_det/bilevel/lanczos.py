@@ -96,7 +96,10 @@ class _Basis:
             return
         rows = self.rows[: len(self)]
         acc = accumulation_dtype(rows)
-        out[0].add_((c.to(rows.device, acc) @ rows.to(acc)).to(rows.dtype))
+        if acc == rows.dtype:  # in place, one pass over the basis (no n-vector temporary)
+            out[0].addmv_(rows.T, c.to(rows.device, acc))
+        else:
+            out[0].add_((c.to(rows.device, acc) @ rows.to(acc)).to(rows.dtype))
 
 
 def _lanczos(
