@@ -313,7 +313,10 @@ def output_jvp(
     primals = tuple(p.detach() for p in params)
     module, batch = _GGNOutputs(pretext_model), tuple(batch)
     device = batch[0].device.type
-    autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    autocast_on, autocast_dtype = (
+        torch.is_autocast_enabled(device),
+        torch.get_autocast_dtype(device),
+    )
 
     def outputs_of(*theta: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(module, dict(zip(keys, theta, strict=True)), batch)
@@ -323,7 +326,7 @@ def output_jvp(
         with (
             batch_statistics_only(pretext_model),
             torch.no_grad(),
-            torch.autocast(device, dtype=autocast[1], enabled=autocast[0]),
+            torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on),
         ):
             return torch.func.jvp(outputs_of, primals, tangents)[1]
 

@@ -158,18 +158,31 @@ def _pyplot():
     return plt
 
 
-def _fixed_margins(fig, rows: int, cols: int) -> None:
-    """Margins in inches for the panels' two-line titles and tick labels: a fixed layout, not
-    ``tight_layout``, which measures every text and took half of a run's plotting time."""
-    width, height = 4 * cols, 3.4 * rows
+PANEL_INCHES = (4.0, 3.4)  # one metric's panel, margins and gaps included
+# Fixed margins and gaps (inches) for the panels' two-line titles and tick labels: a fixed
+# layout, not ``tight_layout``, which measures every text and took half of a run's plotting time.
+MARGINS = {"left": 0.75, "right": 0.2, "bottom": 0.5, "top": 0.85}
+GAPS = (0.9, 1.05)  # between panels: horizontal, vertical
+
+
+def _panel_figure(plt, rows: int, cols: int):
+    """A ``rows x cols`` grid of panels of :data:`PANEL_INCHES` with the fixed margins."""
+    width, height = PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    left, right = MARGINS["left"], MARGINS["right"]
+    bottom, top = MARGINS["bottom"], MARGINS["top"]
+    # subplots_adjust takes figure fractions and gaps relative to the mean panel size.
+    panel_w = (width - left - right - (cols - 1) * GAPS[0]) / cols
+    panel_h = (height - bottom - top - (rows - 1) * GAPS[1]) / rows
     fig.subplots_adjust(
-        left=0.75 / width,
-        right=1 - 0.2 / width,
-        bottom=0.5 / height,
-        top=1 - 0.85 / height,
-        wspace=0.9 / (4 - 0.95),
-        hspace=1.05 / (3.4 - 1.35),
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=GAPS[0] / panel_w,
+        hspace=GAPS[1] / panel_h,
     )
+    return fig, axes
 
 
 def plot_metrics(
@@ -194,8 +207,7 @@ def plot_metrics(
             continue
         cols = min(len(present), MAX_COLUMNS)
         rows = -(-len(present) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
-        _fixed_margins(fig, rows, cols)
+        fig, axes = _panel_figure(plt, rows, cols)
         for ax in axes.flat[len(present) :]:
             ax.set_visible(False)
         for ax, key in zip(axes.flat, present, strict=False):
